@@ -1,0 +1,102 @@
+"""The one place errors become HTTP responses in SPEC's shape:
+``{"error": {"type", "message", "param"}}`` with the matching status code.
+
+Nothing else in the API builds an error body; a stack trace never reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.responses import JSONBytes
+from shared.errors import ConclaveError, RateLimited
+
+log = logging.getLogger("conclave.api")
+
+_HTTP_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_response(
+    status: int, type_: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONBytes:
+    return JSONBytes(
+        {"error": {"type": type_, "message": message, "param": param}}, status_code=status, headers=headers
+    )
+
+
+def param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    """``("body", "queries", 3, "custom_id")`` → ``"queries[3].custom_id"``."""
+    parts = [p for p in loc if p not in ("body", "query", "header", "path")]
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or None
+
+
+async def _conclave_error(_: Request, exc: Exception) -> JSONBytes:
+    assert isinstance(exc, ConclaveError)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+    return error_response(exc.status, exc.type, exc.message, exc.param, headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONBytes:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") in ("json_invalid", "model_attributes_type") and tuple(first.get("loc", ()))[:1] == (
+        "body",
+    ):
+        if first.get("type") == "json_invalid" or len(first.get("loc", ())) == 1:
+            return error_response(400, "invalid_request_error", f"malformed body: {first.get('msg')}")
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return error_response(400, "invalid_request_error", "a JSON body is required")
+    param = param_from_loc(tuple(first.get("loc", ())))
+    message = str(first.get("msg", "invalid value"))
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return error_response(422, "invalid_request_error", f"{param}: {message}" if param else message, param)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONBytes:
+    assert isinstance(exc, StarletteHTTPException)
+    type_ = _HTTP_TYPES.get(
+        exc.status_code, "invalid_request_error" if exc.status_code < 500 else "api_error"
+    )
+    return error_response(exc.status_code, type_, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+async def _database_down(_: Request, exc: Exception) -> JSONBytes:
+    log.error("database error: %s", type(exc).__name__)
+    return error_response(503, "service_unavailable", "the database is unavailable; retry later")
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONBytes:
+    log.exception("unhandled error")
+    return error_response(500, "api_error", "internal error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ConclaveError, _conclave_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(Exception, _unexpected)

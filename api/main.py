@@ -1,0 +1,37 @@
+"""The FastAPI app factory: builds the per-process state once and mounts one router per resource.
+
+The API is thin: validate, persist, enqueue, read. Run it with
+``uvicorn --factory api.main:create_app``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from api.deps import AppState
+from api.errors import install_error_handlers
+from api.routes import batches, health, queries
+from shared.db import make_engine, make_sessionmaker
+from shared.providers.config import load_catalog
+from shared.settings import Settings, get_settings
+from workers.broker import make_broker
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    logging.basicConfig(level=settings.log_level)
+    engine = make_engine(settings.database_url, pool_size=20)
+    state = AppState(
+        settings=settings,
+        sessions=make_sessionmaker(engine),
+        broker=make_broker(settings.redis_url, settings.queue_namespace),
+        catalog=load_catalog(settings.providers_file, settings.sim_provider_url),
+    )
+    app = FastAPI(title="Conclave", version="0.1.0", description="Batches of LLM council queries.")
+    app.state.conclave = state
+    install_error_handlers(app)
+    for module in (health, batches, queries):
+        app.include_router(module.router)
+    return app

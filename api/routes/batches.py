@@ -1,0 +1,185 @@
+"""``/v1/batches``: create, read, list, cancel, results (SPEC §3.1)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import PrincipalDep, SessionDep, StateDep, WriterDep
+from api.responses import JSONBytes
+from api.schemas import BatchCreate, BatchList, BatchObject, ErrorResponse
+from shared import batches
+from shared.errors import InvalidField
+from shared.queries import iter_results
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)
+}
+BATCH_STATUSES = (
+    "validating",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "failed",
+    "cancelling",
+    "cancelled",
+    "expired",
+)
+
+
+@router.post("", status_code=202, response_model=BatchObject, responses=_ERRORS)
+async def create_batch(
+    payload: BatchCreate,
+    state: StateDep,
+    principal: WriterDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+) -> JSONBytes:
+    batch, counts, _ = await run_in_threadpool(
+        batches.create_batch,
+        state.sessions,
+        state.broker,
+        state.catalog,
+        state.settings,
+        tenant_id=principal.tenant_id,
+        payload=payload,
+        idempotency_key=idempotency_key,
+    )
+    return JSONBytes(batches.batch_object(batch, counts), status_code=202)
+
+
+@router.get("", response_model=BatchList, responses=_ERRORS)
+def list_batches(
+    session: SessionDep,
+    principal: PrincipalDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    status: Annotated[str | None, Query()] = None,
+) -> JSONBytes:
+    if status is not None and status not in BATCH_STATUSES:
+        raise InvalidField(f"status must be one of {', '.join(BATCH_STATUSES)}", param="status")
+    rows, has_more = batches.list_batches(
+        session, principal.tenant_id, limit=limit, after=after, status=status
+    )
+    counts = batches.counts_for(session, [b.id for b in rows])
+    data = [batches.batch_object(b, counts[b.id]) for b in rows]
+    return JSONBytes(
+        {
+            "object": "list",
+            "data": data,
+            "has_more": has_more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+    )
+
+
+@router.get("/{batch_id}", response_model=BatchObject, responses=_ERRORS)
+def get_batch(batch_id: str, session: SessionDep, principal: PrincipalDep) -> JSONBytes:
+    batch = batches.get_batch(session, principal.tenant_id, batch_id)
+    return JSONBytes(batches.batch_object(batch, batches.counts_for(session, [batch.id])[batch.id]))
+
+
+@router.post("/{batch_id}/cancel", response_model=BatchObject, responses=_ERRORS)
+def cancel_batch(batch_id: str, state: StateDep, principal: WriterDep) -> JSONBytes:
+    batch, counts = batches.cancel_batch(state.sessions, principal.tenant_id, batch_id)
+    return JSONBytes(batches.batch_object(batch, counts))
+
+
+CSV_FIELDS = (
+    "custom_id",
+    "query_id",
+    "status",
+    "answer",
+    "error_type",
+    "error_message",
+    "synthesis",
+    "members",
+    "aggregate_ranking",
+    "citations",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "latency_ms",
+)
+
+
+def _csv_row(record: dict[str, Any]) -> list[Any]:
+    error = record.get("error") or {}
+    usage = record["usage"]
+    return [
+        record["custom_id"],
+        record["query_id"],
+        record["status"],
+        record.get("answer") or "",
+        error.get("type", ""),
+        error.get("message", ""),
+        record.get("synthesis") or "",
+        orjson.dumps(record["members"]).decode(),
+        orjson.dumps(record["aggregate_ranking"]).decode(),
+        orjson.dumps(record["citations"]).decode(),
+        usage["input_tokens"],
+        usage["output_tokens"],
+        record["cost_usd"],
+        record.get("latency_ms") if record.get("latency_ms") is not None else "",
+    ]
+
+
+def _chunked(lines: Iterator[bytes], size: int = 64 * 1024) -> Iterator[bytes]:
+    buf: list[bytes] = []
+    n = 0
+    for line in lines:
+        buf.append(line)
+        n += len(line)
+        if n >= size:
+            yield b"".join(buf)
+            buf, n = [], 0
+    if buf:
+        yield b"".join(buf)
+
+
+@router.get(
+    "/{batch_id}/results",
+    responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}, **_ERRORS},
+    response_class=StreamingResponse,
+)
+def batch_results(
+    batch_id: str,
+    state: StateDep,
+    session: SessionDep,
+    principal: PrincipalDep,
+    format: Literal["jsonl", "csv"] = "jsonl",
+    status: Literal["succeeded", "failed", "cancelled", "expired"] | None = None,
+    include: Literal["stages"] | None = None,
+) -> StreamingResponse:
+    batch = batches.get_batch(session, principal.tenant_id, batch_id)
+    records = iter_results(state.sessions, batch.id, status=status, include_stages=include == "stages")
+    if format == "csv":
+
+        def csv_lines() -> Iterator[bytes]:
+            out = io.StringIO()
+            writer = csv.writer(out)
+            writer.writerow(CSV_FIELDS)
+            for record in records:
+                writer.writerow(_csv_row(record))
+                yield out.getvalue().encode()
+                out.seek(0)
+                out.truncate()
+            if out.tell():
+                yield out.getvalue().encode()
+
+        body = _chunked(csv_lines())
+        media = "text/csv"
+    else:
+        body = _chunked(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
+        media = "application/x-ndjson"
+    headers = {"Content-Disposition": f'attachment; filename="{batch.id}.{format}"'}
+    return StreamingResponse(body, media_type=media, headers=headers)

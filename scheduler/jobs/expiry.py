@@ -1,0 +1,45 @@
+"""Expiry: a batch past its ``completion_window`` ends ``expired``; its unfinished queries too."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.models import QUERY_OPEN, Batch, Query
+
+log = logging.getLogger("conclave.scheduler")
+
+
+def expire_batches(sessions: sessionmaker[Session], now: int | None = None) -> list[str]:
+    now = now or int(time.time())
+    expired: list[str] = []
+    with sessions() as session:
+        due = session.scalars(
+            select(Batch.id).where(Batch.status.in_(("validating", "in_progress")), Batch.expires_at < now)
+        ).all()
+    for batch_id in due:
+        with sessions.begin() as session:
+            moved = session.execute(
+                update(Batch)
+                .where(Batch.id == batch_id, Batch.status.in_(("validating", "in_progress")))
+                .values(status="expired", expired_at=now, finalizing_at=now)
+            ).rowcount
+            if not moved:
+                continue
+            # A running query's late outcome is then refused (record_outcome needs 'running').
+            session.execute(
+                update(Query)
+                .where(Query.batch_id == batch_id, Query.status.in_(QUERY_OPEN))
+                .values(
+                    status="expired",
+                    finished_at=now,
+                    lease_expires_at=None,
+                    error={"type": "expired", "message": "the batch's completion window passed"},
+                )
+            )
+        expired.append(batch_id)
+        log.info("batch %s expired", batch_id)
+    return expired

@@ -1,0 +1,52 @@
+"""Reconciliation: the database is the truth; Redis may lose messages.
+
+A query the database holds as ``queued`` whose message no longer exists in Redis (a restart
+without persistence, a FLUSHALL, an API that died between commit and enqueue), or ``running``
+past its lease with no live message (a dead worker), is enqueued again. Running it twice at once
+is impossible: a worker only runs a query it claimed with a conditional update.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.models import Query
+from workers.broker import enqueue_messages, messages_exist, query_message
+
+log = logging.getLogger("conclave.scheduler")
+
+# A message is only looked for once the query has been queued this long: the API commits
+# rows before it enqueues, so a younger query may simply not be enqueued yet.
+GRACE_S = 30
+SCAN_LIMIT = 20_000
+
+
+def reconcile(sessions: sessionmaker[Session], broker: RedisBroker, now: int | None = None) -> int:
+    now = now or int(time.time())
+    with sessions() as session:
+        rows = session.execute(
+            select(Query.id, Query.priority)
+            .where(
+                or_(
+                    (Query.status == "queued") & (Query.enqueued_at < now - GRACE_S),
+                    (Query.status == "running") & (Query.lease_expires_at < now),
+                )
+            )
+            .limit(SCAN_LIMIT)
+        ).all()
+    if not rows:
+        return 0
+    items = [(r.id, r.priority) for r in rows]
+    lost = [item for item, exists in zip(items, messages_exist(broker, items), strict=True) if not exists]
+    if not lost:
+        return 0
+    enqueue_messages(broker, (query_message(qid, priority) for qid, priority in lost))
+    with sessions.begin() as session:
+        session.execute(update(Query).where(Query.id.in_([q for q, _ in lost])).values(enqueued_at=now))
+    log.info("re-enqueued %d queries whose messages were lost", len(lost))
+    return len(lost)

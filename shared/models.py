@@ -1,0 +1,134 @@
+"""SQLModel tables: the database is the source of truth for every accepted query.
+
+Timestamps are Unix seconds (ints), as the batch object exposes them. JSON columns hold
+request and result documents that are read whole and never queried into.
+
+What a worker needs to be recovered by reconciliation lives on ``Query``: ``worker_id``,
+``lease_expires_at`` and ``attempts`` say who holds a query and until when.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+BATCH_TERMINAL = ("completed", "failed", "cancelled", "expired")
+QUERY_TERMINAL = ("succeeded", "failed", "cancelled", "expired")
+QUERY_OPEN = ("queued", "running")
+
+
+class Tenant(SQLModel, table=True):
+    __tablename__ = "tenants"
+
+    id: str = Field(primary_key=True, max_length=40)
+    name: str = Field(max_length=128, unique=True)
+    tier: str = Field(default="free", max_length=32)
+    is_operator: bool = False
+    # Needed in clear to sign webhooks (HMAC); never logged, only shown to the tenant's admins.
+    webhook_secret: str = Field(max_length=128)
+    created_at: int
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=40)
+    role: str = Field(max_length=16)
+    # SHA-256 of the full key: keys are 256-bit random, so a fast hash is enough (no brute force).
+    key_hash: str = Field(max_length=64, unique=True)
+    prefix: str = Field(max_length=16)
+    created_at: int
+    revoked_at: int | None = None
+
+
+class Batch(SQLModel, table=True):
+    __tablename__ = "batches"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_batches_tenant_idempotency"),
+        Index("ix_batches_tenant_status", "tenant_id", "status"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=40)
+    status: str = Field(max_length=16)
+    priority: str = Field(max_length=8)
+    council: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    knowledge: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    webhook_url: str | None = Field(default=None, max_length=2048)
+    meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    completion_window: str = Field(max_length=8)
+    input_file_id: str | None = Field(default=None, max_length=40)
+    errors: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    total: int
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_hash: str | None = Field(default=None, max_length=64)
+
+    created_at: int
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    expires_at: int
+    expired_at: int | None = None
+    failed_at: int | None = None
+
+
+class Query(SQLModel, table=True):
+    __tablename__ = "queries"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "custom_id", name="uq_queries_batch_custom_id"),
+        Index("ix_queries_batch_status", "batch_id", "status"),
+        Index("ix_queries_status_lease", "status", "lease_expires_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    batch_id: str = Field(foreign_key="batches.id", max_length=40)
+    tenant_id: str = Field(max_length=40, index=True)
+    seq: int
+    custom_id: str = Field(max_length=64)
+    status: str = Field(default="queued", max_length=16)
+    priority: str = Field(max_length=8)
+    # {"messages": [...], "max_tokens": int|None, "temperature": float|None}
+    request: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+
+    worker_id: str | None = Field(default=None, max_length=64)
+    lease_expires_at: int | None = None
+    attempts: int = 0
+    enqueued_at: int | None = None
+    started_at: int | None = None
+    finished_at: int | None = None
+
+    # The council's full record (answers, reviews, ranking, synthesis) once terminal.
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    routing: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: int | None = None
+
+
+class ProviderCall(SQLModel, table=True):
+    """One attempt at one provider call (SPEC §5.3); batch and tenant totals derive from these."""
+
+    __tablename__ = "provider_calls"
+    __table_args__ = (Index("ix_provider_calls_tenant_created", "tenant_id", "created_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    query_id: str = Field(max_length=40, index=True)
+    batch_id: str = Field(max_length=40, index=True)
+    tenant_id: str = Field(max_length=40)
+    model: str = Field(max_length=128)
+    stage: str = Field(max_length=16)
+    attempt: int
+    status: str = Field(max_length=16)
+    error_category: str | None = Field(default=None, max_length=32)
+    latency_ms: int
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    created_at: int

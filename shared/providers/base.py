@@ -1,0 +1,118 @@
+"""The one small interface every wire format implements.
+
+A provider turns a ``ChatRequest`` into one HTTP call and the answer into a ``ChatResult``,
+raising only ``shared.providers.errors`` exceptions. Retries, breakers, rate limits and
+accounting are layered above it (``workers/runner.py``), never copied into a wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from shared.providers import errors
+from shared.providers.config import ProviderConfig
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str  # the provider's model name (the part after the first colon of a model id)
+    messages: tuple[Message, ...]
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    input_tokens: int
+    output_tokens: int
+
+
+class Provider(ABC):
+    """One configured provider (a ``[providers.X]`` table) speaking one wire format."""
+
+    def __init__(self, config: ProviderConfig, api_key: str | None):
+        self.config = config
+        self._api_key = api_key
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @abstractmethod
+    def build(self, request: ChatRequest) -> tuple[str, dict[str, str], dict[str, Any]]:
+        """URL, headers and JSON body for ``request``."""
+
+    @abstractmethod
+    def parse(self, body: Any) -> ChatResult:
+        """The answer from a 2xx JSON body; raises ``BadResponse``/``ContentFiltered``."""
+
+    @abstractmethod
+    def map_error(self, response: httpx.Response, body: Any) -> errors.ProviderError:
+        """The taxonomy error for a non-2xx response."""
+
+    async def complete(self, client: httpx.AsyncClient, request: ChatRequest) -> ChatResult:
+        url, headers, payload = self.build(request)
+        try:
+            # The transport's read timeout is per socket read; this bounds the whole call.
+            async with asyncio.timeout(self.config.timeout_s):
+                response = await client.post(url, content=orjson.dumps(payload), headers=headers)
+                content = await response.aread()
+        except TimeoutError as exc:
+            raise errors.Timeout(f"no answer within {self.config.timeout_s:g}s") from exc
+        except httpx.TimeoutException as exc:
+            raise errors.Timeout(f"timed out: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:
+            # The message of a transport error may carry the URL but never a key (keys are headers).
+            raise errors.NetworkError(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            body: Any = orjson.loads(content) if content else None
+        except orjson.JSONDecodeError:
+            body = None
+        if not 200 <= response.status_code < 300:
+            raise self.map_error(response, body)
+        if body is None:
+            raise errors.BadResponse("answer is not valid JSON", status=response.status_code)
+        return self.parse(body)
+
+
+def retry_after_seconds(headers: httpx.Headers) -> float | None:
+    """The wait hint common to every provider: ``retry-after-ms`` or ``retry-after`` (seconds)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None  # an HTTP date: rare from LLM providers; fall back to our own backoff
+    return None
+
+
+def status_error(status: int, message: str, retry_after: float | None) -> errors.ProviderError:
+    """The generic status → category mapping; wire formats refine it from their bodies."""
+    if status == 429:
+        return errors.RateLimited(message, retry_after=retry_after, status=status)
+    if status in (503, 529):
+        return errors.Overloaded(message, retry_after=retry_after, status=status)
+    if status in (401, 403):
+        return errors.AuthError(message, status=status)
+    if status in (400, 404, 413, 422):
+        return errors.InvalidRequest(message, status=status)
+    if status == 408:
+        return errors.Timeout(message, status=status)
+    if status >= 500:
+        return errors.ServerError(message, retry_after=retry_after, status=status)
+    return errors.InvalidRequest(message, status=status)

@@ -1,0 +1,283 @@
+"""Query data access for workers and result readers: claim, record the outcome, finalise the batch,
+stream results.
+
+Every state change is a conditional UPDATE, so racing workers, a cancel and reconciliation can
+never run one query twice at once nor write its result twice:
+- a worker runs a query only if it moved it from ``queued`` (or from an expired lease) to
+  ``running`` itself;
+- it writes the outcome only while it still holds the lease it took;
+- the batch is finalised by whoever moves it out of ``in_progress``/``cancelling`` first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import insert, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.errors import NotFound
+from shared.models import QUERY_OPEN, QUERY_TERMINAL, Batch, ProviderCall, Query
+
+RESULT_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class ClaimedQuery:
+    id: str
+    batch_id: str
+    tenant_id: str
+    priority: str
+    request: dict[str, Any]
+    attempts: int
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One attempt at one provider call, as stored in ``provider_calls``."""
+
+    model: str
+    stage: str
+    attempt: int
+    status: str
+    error_category: str | None
+    latency_ms: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    created_at: int
+
+
+def claim_query(
+    session: Session, query_id: str, worker_id: str, lease_s: int, now: int
+) -> ClaimedQuery | None:
+    """Take a query for this worker, or None when it is not ours to run (done, cancelled, held)."""
+    row = session.execute(
+        update(Query)
+        .where(
+            Query.id == query_id,
+            or_(Query.status == "queued", (Query.status == "running") & (Query.lease_expires_at < now)),
+        )
+        .values(
+            status="running",
+            worker_id=worker_id,
+            lease_expires_at=now + lease_s,
+            attempts=Query.attempts + 1,
+            started_at=now,
+        )
+        .returning(Query.batch_id, Query.tenant_id, Query.priority, Query.request, Query.attempts)
+    ).first()
+    if row is None:
+        return None
+    return ClaimedQuery(query_id, row.batch_id, row.tenant_id, row.priority, row.request, row.attempts)
+
+
+def batch_config(session: Session, batch_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    row = session.execute(select(Batch.council, Batch.knowledge).where(Batch.id == batch_id)).one()
+    return row.council, row.knowledge
+
+
+def record_outcome(
+    session: Session,
+    claimed: ClaimedQuery,
+    worker_id: str,
+    *,
+    status: str,
+    result: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+    routing: dict[str, Any] | None,
+    calls: Sequence[CallRecord],
+    latency_ms: int,
+    now: int,
+) -> bool:
+    """Store the calls and the outcome. Returns False when the query was no longer ours."""
+    if calls:
+        # Calls are recorded even when the outcome is not ours to write: they were made and cost money.
+        session.execute(
+            insert(ProviderCall.__table__),
+            [
+                {
+                    **asdict(c),
+                    "query_id": claimed.id,
+                    "batch_id": claimed.batch_id,
+                    "tenant_id": claimed.tenant_id,
+                }
+                for c in calls
+            ],
+        )
+    input_tokens = sum(c.input_tokens for c in calls)
+    output_tokens = sum(c.output_tokens for c in calls)
+    cost = sum(c.cost_usd for c in calls)
+    written = session.execute(
+        update(Query)
+        .where(Query.id == claimed.id, Query.status == "running", Query.worker_id == worker_id)
+        .values(
+            status=status,
+            result=result,
+            error=error,
+            routing=routing,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=cost,
+            latency_ms=latency_ms,
+            finished_at=now,
+            lease_expires_at=None,
+        )
+    ).rowcount
+    return bool(written)
+
+
+def finalize_if_done(session: Session, batch_id: str, now: int | None = None) -> str | None:
+    """Move the batch to its end state if no query is open. Returns the new status if this call
+    did it (exactly one caller ever does), else None.
+
+    Must run in a transaction that starts after the caller's own query update committed: then
+    whichever of several racing workers commits last is guaranteed to see no open query.
+    """
+    open_left = session.execute(
+        select(Query.id).where(Query.batch_id == batch_id, Query.status.in_(QUERY_OPEN)).limit(1)
+    ).first()
+    if open_left is not None:
+        return None
+    now = now or int(time.time())
+    for from_status, to_status, stamp in (
+        ("in_progress", "completed", "completed_at"),
+        ("cancelling", "cancelled", "cancelled_at"),
+    ):
+        moved = session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.status == from_status)
+            .values(status=to_status, finalizing_at=now, **{stamp: now})
+        ).rowcount
+        if moved:
+            return to_status
+    return None
+
+
+# ---------------------------------------------------------------- results
+
+
+def result_record(row: Any, include_stages: bool = False) -> dict[str, Any]:
+    result = row.result or {}
+    record: dict[str, Any] = {
+        "custom_id": row.custom_id,
+        "query_id": row.id,
+        "status": row.status,
+        "answer": result.get("answer"),
+        "error": row.error,
+        "synthesis": result.get("synthesis"),
+        "chairman": result.get("chairman"),
+        "members": [
+            {
+                "model": m["model"],
+                "status": m["status"],
+                "error": m.get("error"),
+                "latency_ms": m.get("latency_ms"),
+            }
+            for m in result.get("members", [])
+        ],
+        "aggregate_ranking": result.get("aggregate_ranking", []),
+        "citations": result.get("citations", []),
+        "usage": {
+            "input_tokens": row.input_tokens,
+            "output_tokens": row.output_tokens,
+            "total_tokens": row.input_tokens + row.output_tokens,
+        },
+        "cost_usd": round(row.cost_usd, 8),
+        "latency_ms": row.latency_ms,
+    }
+    if result.get("simulated"):
+        record["simulated"] = True
+    if include_stages:
+        record["stages"] = {
+            "answers": [
+                {
+                    "model": m["model"],
+                    "status": m["status"],
+                    "answer": m.get("answer"),
+                    "error": m.get("error"),
+                }
+                for m in result.get("members", [])
+            ],
+            "reviews": result.get("reviews", []),
+            "routing": row.routing,
+        }
+    return record
+
+
+_RESULT_COLUMNS = (
+    Query.seq,
+    Query.id,
+    Query.custom_id,
+    Query.status,
+    Query.result,
+    Query.error,
+    Query.routing,
+    Query.input_tokens,
+    Query.output_tokens,
+    Query.cost_usd,
+    Query.latency_ms,
+)
+
+
+def iter_results(
+    sessions: sessionmaker[Session], batch_id: str, *, status: str | None = None, include_stages: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Terminal queries in batch order, a page at a time (bounded memory, short transactions)."""
+    statuses = (status,) if status else QUERY_TERMINAL
+    last_seq = -1
+    while True:
+        with sessions() as session:
+            rows = session.execute(
+                select(*_RESULT_COLUMNS)
+                .where(Query.batch_id == batch_id, Query.status.in_(statuses), Query.seq > last_seq)
+                .order_by(Query.seq)
+                .limit(RESULT_PAGE)
+            ).all()
+        for row in rows:
+            yield result_record(row, include_stages)
+        if len(rows) < RESULT_PAGE:
+            return
+        last_seq = rows[-1].seq
+
+
+def query_detail(session: Session, tenant_id: str, query_id: str) -> dict[str, Any]:
+    query = session.get(Query, query_id)
+    if query is None or query.tenant_id != tenant_id:
+        raise NotFound(f"no query {query_id!r}", param="query_id")
+    calls = session.scalars(
+        select(ProviderCall).where(ProviderCall.query_id == query_id).order_by(ProviderCall.id)
+    ).all()
+    detail = result_record(query, include_stages=True)
+    detail.update(
+        {
+            "object": "query",
+            "id": query.id,
+            "batch_id": query.batch_id,
+            "request": query.request,
+            "priority": query.priority,
+            "attempts": query.attempts,
+            "enqueued_at": query.enqueued_at,
+            "started_at": query.started_at,
+            "finished_at": query.finished_at,
+            "provider_calls": [
+                {
+                    "model": c.model,
+                    "stage": c.stage,
+                    "attempt": c.attempt,
+                    "status": c.status,
+                    "error_category": c.error_category,
+                    "latency_ms": c.latency_ms,
+                    "input_tokens": c.input_tokens,
+                    "output_tokens": c.output_tokens,
+                    "cost_usd": c.cost_usd,
+                    "created_at": c.created_at,
+                }
+                for c in calls
+            ],
+        }
+    )
+    return detail

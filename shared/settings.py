@@ -1,0 +1,102 @@
+"""The one settings object (SPEC §1): environment variables prefixed ``CONCLAVE_``, ``.env`` supported.
+
+Each process builds it once (``get_settings()``) and hands the parts it needs down to
+constructors; nothing deep in the code reads the environment itself.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONCLAVE_", env_file=".env", extra="ignore")
+
+    # SPEC §1
+    database_url: str = "sqlite:///./conclave.db"
+    redis_url: str = "redis://localhost:6379/0"
+    providers_file: Path = Path("./providers.toml")
+    webhook_allow_private: bool = False
+    webhook_retry_schedule: Annotated[list[int], NoDecode] = Field(
+        default=[0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
+    )
+    otlp_endpoint: str | None = None
+
+    # Client side of the CLI (SPEC §2)
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+
+    # Where the built-in simulated provider listens when no providers file exists.
+    sim_provider_url: str = "http://127.0.0.1:8900"
+
+    # Intake limits
+    max_batch_queries: int = Field(default=50_000, ge=1)
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+    default_completion_window: str = "24h"
+
+    # Workers
+    queue_namespace: str = "conclave"
+    # How long a worker holds a query before someone else may take it over (reconciliation).
+    query_lease_seconds: int = Field(default=900, ge=10)
+    query_retry_budget: int = Field(default=6, ge=0)
+    min_answers: int = Field(default=2, ge=1)
+
+    environment: Literal["development", "production", "test"] = "development"
+    log_level: str = "INFO"
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _parse_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            return [int(p) for p in parts]
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _schedule_non_negative(cls, value: list[int]) -> list[int]:
+        if not value or any(v < 0 for v in value):
+            raise ValueError("needs at least one delay, none negative")
+        return value
+
+    @field_validator("default_completion_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        parse_window(value)
+        return value
+
+    @model_validator(mode="after")
+    def _production_sanity(self) -> Settings:
+        if self.environment == "production" and self.webhook_allow_private:
+            raise ValueError("CONCLAVE_WEBHOOK_ALLOW_PRIVATE must not be set in production")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def parse_window(value: str) -> int:
+    """``"24h"`` → seconds. Accepts s/m/h/d suffixes; between 1 minute and 7 days."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = value.strip().lower()
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise ValueError(f"completion_window must look like '24h', got {value!r}")
+    seconds = int(text[:-1]) * units[text[-1]]
+    if not 60 <= seconds <= 7 * 86400:
+        raise ValueError("completion_window must be between 1m and 7d")
+    return seconds
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,100 @@
+"""Tenants and their API keys: creation, hashing, authentication.
+
+Keys are 256 bits of randomness shown once; only their SHA-256 is stored, so a leaked
+database does not leak usable keys. Roles, tiers and rate limits build on this.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.errors import Unauthorized
+from shared.ids import new_id
+from shared.models import ApiKey, Tenant
+
+ROLES = ("admin", "user", "viewer")
+TIERS = ("free", "pro", "enterprise")
+KEY_PREFIX = "cnk_"
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def new_webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    api_key: str
+    tenant_id: str
+    key_id: str
+    webhook_secret: str
+    created_tenant: bool
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant and the key's role."""
+
+    tenant_id: str
+    key_id: str
+    role: str
+    is_operator: bool
+
+
+def issue_key(
+    session: Session, *, tenant_name: str, role: str, tier: str, operator: bool = False
+) -> IssuedKey:
+    """Create the tenant if needed (with ``tier``), then a new key for it. Caller commits."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}")
+    if tier not in TIERS:
+        raise ValueError(f"tier must be one of {TIERS}")
+    now = int(time.time())
+    tenant = session.scalars(select(Tenant).where(Tenant.name == tenant_name)).first()
+    created = tenant is None
+    if tenant is None:
+        tenant = Tenant(
+            id=new_id("tenant"),
+            name=tenant_name,
+            tier=tier,
+            is_operator=operator,
+            webhook_secret=new_webhook_secret(),
+            created_at=now,
+        )
+        session.add(tenant)
+        session.flush()
+    api_key = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=new_id("key"),
+        tenant_id=tenant.id,
+        role=role,
+        key_hash=hash_key(api_key),
+        prefix=api_key[:12],
+        created_at=now,
+    )
+    session.add(key)
+    session.flush()
+    return IssuedKey(api_key, tenant.id, key.id, tenant.webhook_secret, created)
+
+
+def authenticate(session: Session, api_key: str | None) -> Principal:
+    if not api_key:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    row = session.execute(
+        select(ApiKey.id, ApiKey.tenant_id, ApiKey.role, ApiKey.revoked_at, Tenant.is_operator)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.key_hash == hash_key(api_key))
+    ).first()
+    if row is None or row.revoked_at is not None:
+        raise Unauthorized("invalid API key")
+    return Principal(tenant_id=row.tenant_id, key_id=row.id, role=row.role, is_operator=row.is_operator)

@@ -1,0 +1,151 @@
+"""dramatiq actors: thin shells that claim a query, run the council on the process's event loop,
+and record the outcome. One message = one query; one actor per priority queue.
+
+Run with ``dramatiq workers.actors --queues high normal low --processes P --threads T``: each
+thread carries one query; database work runs in the thread, provider calls on the one event
+loop the AsyncIO middleware owns, through one pooled HTTP client per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import dramatiq
+from dramatiq.asyncio import get_event_loop_thread
+
+from shared.db import make_engine, make_sessionmaker
+from shared.providers.config import load_catalog
+from shared.providers.http import make_client
+from shared.providers.registry import build_providers
+from shared.queries import CallRecord, batch_config, claim_query, finalize_if_done, record_outcome
+from shared.settings import PRIORITIES, get_settings
+from workers.broker import ACTOR_NAMES, ACTOR_PRIORITY, install_broker
+from workers.routing import route
+from workers.runner import Runner
+
+log = logging.getLogger("conclave.worker")
+settings = get_settings()
+broker = install_broker(settings.redis_url, settings.queue_namespace)
+
+
+class WorkerContext:
+    """Everything a worker process builds once: DB pool, providers, HTTP client, runner."""
+
+    BATCH_CACHE_SIZE = 1024
+
+    def __init__(self) -> None:
+        self.settings = settings
+        self.sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=16))
+        self.catalog = load_catalog(settings.providers_file, settings.sim_provider_url)
+        self.runner = Runner(
+            self.catalog,
+            build_providers(self.catalog),
+            make_client(),
+            retry_budget=settings.query_retry_budget,
+            min_answers=settings.min_answers,
+        )
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{broker.broker_id[:8]}"
+        # A batch's council never changes once accepted, so it is read once per process.
+        self._batches: OrderedDict[str, tuple[dict[str, Any], dict[str, Any] | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def batch(self, session: Any, batch_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        with self._lock:
+            found = self._batches.get(batch_id)
+            if found is not None:
+                self._batches.move_to_end(batch_id)
+                return found
+        found = batch_config(session, batch_id)
+        with self._lock:
+            self._batches[batch_id] = found
+            while len(self._batches) > self.BATCH_CACHE_SIZE:
+                self._batches.popitem(last=False)
+        return found
+
+
+_context: WorkerContext | None = None
+_context_lock = threading.Lock()
+
+
+def context() -> WorkerContext:
+    global _context
+    if _context is None:
+        with _context_lock:
+            if _context is None:
+                _context = WorkerContext()
+    return _context
+
+
+def process_query(query_id: str) -> None:
+    ctx = context()
+    now = int(time.time())
+    with ctx.sessions.begin() as session:
+        claimed = claim_query(session, query_id, ctx.worker_id, ctx.settings.query_lease_seconds, now)
+        if claimed is None:
+            return  # finished, cancelled, or held by a live worker: nothing to do
+        council, _knowledge = ctx.batch(session, claimed.batch_id)
+
+    started = time.perf_counter()
+    calls: list[CallRecord] = []
+    routing = None
+    members = council["members"]
+    mode = council.get("mode", "council")
+    if mode == "auto":
+        decision = route(claimed.request["messages"], members, lambda m: _price(ctx, m))
+        routing, mode, members = decision.to_dict(), decision.mode, list(decision.members)
+    spec = ctx.runner.council_spec({**council, "members": members}, mode)
+    try:
+        loop = get_event_loop_thread()
+        assert loop is not None, "the AsyncIO middleware starts the event loop at worker boot"
+        result = loop.run_coroutine(ctx.runner.run(claimed.id, claimed.request, spec, calls=calls))
+        status, error = result.status, result.error
+        record = result.to_dict()
+        record["citations"] = []
+        if ctx.catalog.simulated:
+            record["simulated"] = True
+    except Exception:
+        log.exception("query %s crashed", claimed.id)
+        status, error, record = "failed", {"type": "internal_error", "message": "the worker failed"}, None
+    latency_ms = int((time.perf_counter() - started) * 1000)
+
+    finished = int(time.time())
+    with ctx.sessions.begin() as session:
+        written = record_outcome(
+            session,
+            claimed,
+            ctx.worker_id,
+            status=status,
+            result=record,
+            error=error,
+            routing=routing,
+            calls=calls,
+            latency_ms=latency_ms,
+            now=finished,
+        )
+    if not written:
+        log.warning("query %s was taken over before it finished; its outcome was not written", claimed.id)
+        return
+    with ctx.sessions.begin() as session:
+        final = finalize_if_done(session, claimed.batch_id, now=finished)
+    if final:
+        log.info("batch %s %s", claimed.batch_id, final)
+
+
+def _price(ctx: WorkerContext, model: str) -> float:
+    m = ctx.catalog.model(model)
+    return m.input_usd_per_mtok + m.output_usd_per_mtok
+
+
+for _priority in PRIORITIES:
+    dramatiq.actor(
+        process_query,
+        actor_name=ACTOR_NAMES[_priority],
+        queue_name=_priority,
+        priority=ACTOR_PRIORITY[_priority],
+    )

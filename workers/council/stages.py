@@ -1,0 +1,285 @@
+"""The council for one query: answer, review, synthesise (SPEC §5.1).
+
+Owns the order of the stages, who sees which answers under which labels, and what a failure at
+each stage does to the result. Model calls go through the injected ``complete`` (the runner
+supplies retries, fallbacks, breakers and accounting); nothing here does I/O of its own or logs
+prompt text, so the whole council runs in tests against a scripted ``complete``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+from shared.providers.errors import BadResponse, ProviderError
+from workers.council import prompts
+from workers.council.prompts import Message
+from workers.council.ranking import (
+    InvalidRanking,
+    RankEntry,
+    aggregate_ranking,
+    parse_final_ranking,
+    strip_final_ranking,
+)
+
+__all__ = [
+    "CallRequest",
+    "CompleteFn",
+    "CouncilResult",
+    "CouncilSpec",
+    "KnowledgeSnippet",
+    "MemberResult",
+    "Message",
+    "QueryInput",
+    "RankEntry",
+    "ReviewResult",
+    "SynthesisAttempt",
+    "run_council",
+]
+
+
+@dataclass(frozen=True)
+class KnowledgeSnippet:
+    id: str
+    title: str
+    content: str
+
+
+@dataclass(frozen=True)
+class CouncilSpec:
+    mode: Literal["council", "single"]  # "auto" is resolved by routing before the council runs
+    members: tuple[str, ...]  # model ids like "openai:gpt-4o-mini"
+    chairman: str
+    chairman_fallbacks: tuple[str, ...] = ()
+    min_answers: int | None = None  # None -> 2, or 1 when the council has one member
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ValueError("a council needs at least one member")
+        # Model ids key labels and rankings; a repeated member would make them ambiguous.
+        if len(set(self.members)) != len(self.members):
+            raise ValueError("council members must be distinct")
+        if self.min_answers is not None and self.min_answers < 1:
+            raise ValueError("min_answers must be at least 1")
+
+    @property
+    def required_answers(self) -> int:
+        if self.min_answers is not None:
+            return self.min_answers
+        return 1 if len(self.members) == 1 else 2
+
+
+@dataclass(frozen=True)
+class QueryInput:
+    query_id: str
+    messages: tuple[Message, ...]  # a plain prompt is already normalised to one user message
+    max_tokens: int | None = None
+    temperature: float | None = None
+    knowledge: tuple[KnowledgeSnippet, ...] = ()
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    model: str
+    stage: Literal["answer", "review", "synthesis"]
+    messages: tuple[Message, ...]
+    max_tokens: int | None
+    temperature: float | None
+
+
+# Returns the answer text or raises ProviderError (retries and fallbacks already spent).
+CompleteFn = Callable[[CallRequest], Awaitable[str]]
+
+
+@dataclass
+class MemberResult:
+    model: str
+    status: Literal["succeeded", "failed"]
+    answer: str | None
+    error: dict[str, str] | None  # {"type", "message"}
+    latency_ms: int
+
+
+@dataclass
+class ReviewResult:
+    reviewer: str
+    status: Literal["valid", "invalid", "failed"]
+    text: str | None
+    labels: dict[str, str]  # "Response A" -> model, as this reviewer saw them
+    ranking: list[str] | None  # models, best first
+    error: dict[str, str] | None
+    latency_ms: int
+
+
+@dataclass
+class SynthesisAttempt:
+    """One chairman call, kept so a failed chairman is visible even when a fallback answered."""
+
+    model: str
+    status: Literal["succeeded", "failed"]
+    error: dict[str, str] | None
+    latency_ms: int
+
+
+@dataclass
+class CouncilResult:
+    status: Literal["succeeded", "failed"]
+    answer: str | None
+    error: dict[str, str] | None  # {"type", "message"} when failed
+    synthesis: Literal["chairman", "fallback_chairman", "top_ranked", "single"] | None
+    chairman: str | None  # the model that actually wrote the synthesis
+    members: list[MemberResult]
+    reviews: list[ReviewResult]
+    aggregate_ranking: list[RankEntry]
+    answered_by: str | None = None  # the model whose text is `answer`, whatever the synthesis
+    synthesis_attempts: list[SynthesisAttempt] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Outcome(NamedTuple):
+    text: str | None
+    error: dict[str, str] | None
+    latency_ms: int
+
+
+async def run_council(spec: CouncilSpec, query: QueryInput, complete: CompleteFn) -> CouncilResult:
+    stage1 = prompts.answer_messages(query.messages, query.knowledge)
+    if spec.mode == "single":
+        return _single(await _answer(spec.members[0], stage1, query, complete))
+
+    members = list(await asyncio.gather(*(_answer(m, stage1, query, complete) for m in spec.members)))
+    answered = [m for m in members if m.status == "succeeded"]
+    if len(answered) < spec.required_answers:
+        return _insufficient(members, spec.required_answers)
+    if len(spec.members) == 1:
+        return _single(members[0])
+
+    # With one answer there is nothing to compare, so nobody reviews and every model has 0 votes.
+    reviews: list[ReviewResult] = []
+    if len(answered) >= 2:
+        reviews = list(await asyncio.gather(*(_review(r, answered, query, complete) for r in answered)))
+    ranking = aggregate_ranking(
+        spec.members, [r.ranking for r in reviews if r.status == "valid" and r.ranking is not None]
+    )
+    return await _synthesise(spec, query, stage1, members, reviews, ranking, complete)
+
+
+async def _call(complete: CompleteFn, request: CallRequest) -> _Outcome:
+    start = time.perf_counter()
+    try:
+        text = await complete(request)
+        if not text or not text.strip():
+            # An empty 200 is a failure, never an answer (llm-council returned error strings as answers).
+            raise BadResponse(f"{request.model} returned an empty answer")
+    except ProviderError as exc:
+        return _Outcome(None, exc.to_dict(), _elapsed_ms(start))
+    return _Outcome(text, None, _elapsed_ms(start))
+
+
+def _elapsed_ms(start: float) -> int:
+    return round((time.perf_counter() - start) * 1000)
+
+
+async def _answer(
+    model: str, messages: tuple[Message, ...], query: QueryInput, complete: CompleteFn
+) -> MemberResult:
+    request = CallRequest(model, "answer", messages, query.max_tokens, query.temperature)
+    outcome = await _call(complete, request)
+    status: Literal["succeeded", "failed"] = "failed" if outcome.error else "succeeded"
+    return MemberResult(model, status, outcome.text, outcome.error, outcome.latency_ms)
+
+
+def _single(member: MemberResult) -> CouncilResult:
+    ranking = aggregate_ranking([member.model], [])
+    if member.status == "failed":
+        return CouncilResult("failed", None, member.error, None, None, [member], [], ranking)
+    return CouncilResult(
+        "succeeded", member.answer, None, "single", None, [member], [], ranking, answered_by=member.model
+    )
+
+
+def _insufficient(members: list[MemberResult], required: int) -> CouncilResult:
+    answered = sum(m.status == "succeeded" for m in members)
+    failures = ", ".join(f"{m.model} ({m.error['type']})" for m in members if m.error)
+    message = f"{answered} of {len(members)} members answered, {required} needed; failed: {failures}"
+    error = {"type": "insufficient_answers", "message": message}
+    ranking = aggregate_ranking([m.model for m in members], [])
+    return CouncilResult("failed", None, error, None, None, members, [], ranking)
+
+
+async def _review(
+    reviewer: MemberResult, answered: Sequence[MemberResult], query: QueryInput, complete: CompleteFn
+) -> ReviewResult:
+    others = [m for m in answered if m.model != reviewer.model]
+    # A different order per reviewer spreads position bias; seeding by (query, reviewer) keeps a
+    # rerun of the same query byte-for-byte reproducible.
+    random.Random(f"{query.query_id}:{reviewer.model}").shuffle(others)
+    labels = {prompts.response_label(i): m.model for i, m in enumerate(others)}
+    answers = [(label, m.answer or "") for label, m in zip(labels, others, strict=True)]
+    messages = prompts.review_messages(prompts.question_text(query.messages), answers)
+    outcome = await _call(complete, CallRequest(reviewer.model, "review", messages, query.max_tokens, None))
+    if outcome.text is None:
+        return ReviewResult(reviewer.model, "failed", None, labels, None, outcome.error, outcome.latency_ms)
+    try:
+        ranked = parse_final_ranking(outcome.text, list(labels))
+    except InvalidRanking as exc:
+        error = {"type": "invalid_ranking", "message": str(exc)}
+        return ReviewResult(reviewer.model, "invalid", outcome.text, labels, None, error, outcome.latency_ms)
+    ranking = [labels[label] for label in ranked]
+    return ReviewResult(reviewer.model, "valid", outcome.text, labels, ranking, None, outcome.latency_ms)
+
+
+async def _synthesise(
+    spec: CouncilSpec,
+    query: QueryInput,
+    stage1: tuple[Message, ...],
+    members: list[MemberResult],
+    reviews: list[ReviewResult],
+    ranking: list[RankEntry],
+    complete: CompleteFn,
+) -> CouncilResult:
+    answered = [m for m in members if m.status == "succeeded"]
+    # One fixed labelling in member order for the chairman; reviews are translated into it.
+    label_of = {m.model: prompts.response_label(i) for i, m in enumerate(answered)}
+    valid = [r for r in reviews if r.status == "valid" and r.text is not None]
+    messages = prompts.synthesis_messages(
+        question=prompts.question_text(query.messages),
+        answers=[(label_of[m.model], m.answer or "") for m in answered],
+        ranking=[(label_of[e.model], e.mean_rank, e.votes) for e in ranking if e.model in label_of],
+        reviews=[(label_of[r.reviewer], _review_for_chairman(r, label_of)) for r in valid],
+        system=stage1[0] if stage1 and stage1[0]["role"] == "system" else None,
+    )
+
+    attempts: list[SynthesisAttempt] = []
+    chairmen = list(dict.fromkeys((spec.chairman, *spec.chairman_fallbacks)))
+    for model in chairmen:
+        outcome = await _call(complete, CallRequest(model, "synthesis", messages, query.max_tokens, None))
+        status: Literal["succeeded", "failed"] = "failed" if outcome.error else "succeeded"
+        attempts.append(SynthesisAttempt(model, status, outcome.error, outcome.latency_ms))
+        if outcome.text is not None:
+            kind: Literal["chairman", "fallback_chairman"] = (
+                "chairman" if model == spec.chairman else "fallback_chairman"
+            )
+            return CouncilResult(
+                "succeeded", outcome.text, None, kind, model, members, reviews, ranking, model, attempts
+            )
+
+    # Every chairman failed: the best-ranked answer stands; ties and no votes keep member order.
+    best = next(m for e in ranking for m in answered if m.model == e.model)
+    return CouncilResult(
+        "succeeded", best.answer, None, "top_ranked", None, members, reviews, ranking, best.model, attempts
+    )
+
+
+def _review_for_chairman(review: ReviewResult, label_of: dict[str, str]) -> str:
+    # Only the evaluation: the ranking itself reaches the chairman through the aggregate, and
+    # leaving the marker out keeps the synthesis prompt from reading as a review prompt.
+    mapping = {label: label_of[model] for label, model in review.labels.items()}
+    return prompts.relabel(strip_final_ranking(review.text or ""), mapping)

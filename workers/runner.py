@@ -1,0 +1,170 @@
+"""Stages × providers: binds the pure council to real provider calls for one query.
+
+For each call the runner picks the provider from the model id, caps concurrency per provider
+in this process, retries transient errors with exponential backoff and full jitter within the
+query's retry budget (honouring the provider's wait hint), falls back along the model's
+``fallbacks``, and records every attempt as a ``CallRecord`` with its cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from shared.providers import errors
+from shared.providers.base import ChatRequest, Provider
+from shared.providers.config import Catalog, split_model_id
+from shared.queries import CallRecord
+from workers.council import CallRequest, CouncilResult, CouncilSpec, KnowledgeSnippet, QueryInput, run_council
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+# A provider's wait hint beyond this is not worth holding a worker slot for: fail over instead.
+MAX_HINT_WAIT_S = 60.0
+
+
+@dataclass
+class QueryRun:
+    """Per-query state: the shared retry budget and every attempt made."""
+
+    retry_budget: int
+    calls: list[CallRecord] = field(default_factory=list)
+
+
+class Runner:
+    def __init__(
+        self,
+        catalog: Catalog,
+        providers: dict[str, Provider],
+        client: httpx.AsyncClient,
+        *,
+        retry_budget: int = 6,
+        min_answers: int = 2,
+        rng: random.Random | None = None,
+    ):
+        self.catalog = catalog
+        self.providers = providers
+        self.client = client
+        self.retry_budget = retry_budget
+        self.min_answers = min_answers
+        self._rng = rng or random.Random()
+        self._limits = {name: asyncio.Semaphore(p.config.max_concurrency) for name, p in providers.items()}
+
+    def council_spec(self, council: dict[str, Any], mode: str | None = None) -> CouncilSpec:
+        members = tuple(council["members"])
+        chairman = council["chairman"]
+        return CouncilSpec(
+            mode="single" if (mode or council.get("mode")) == "single" else "council",
+            members=members,
+            chairman=chairman,
+            chairman_fallbacks=self.catalog.model(chairman).fallbacks,
+            min_answers=None if len(members) == 1 else min(self.min_answers, len(members)),
+        )
+
+    async def run(
+        self,
+        query_id: str,
+        request: dict[str, Any],
+        spec: CouncilSpec,
+        knowledge: tuple[KnowledgeSnippet, ...] = (),
+        calls: list[CallRecord] | None = None,
+    ) -> CouncilResult:
+        """Run the council; every attempt is appended to ``calls`` as it happens, so the caller
+        keeps the record of calls made (and paid for) even if the run dies half-way."""
+        state = QueryRun(retry_budget=self.retry_budget, calls=calls if calls is not None else [])
+        query = QueryInput(
+            query_id=query_id,
+            messages=tuple(request["messages"]),
+            max_tokens=request.get("max_tokens"),
+            temperature=request.get("temperature"),
+            knowledge=knowledge,
+        )
+
+        async def complete(call: CallRequest) -> str:
+            return await self._complete(state, call)
+
+        return await run_council(spec, query, complete)
+
+    async def _complete(self, state: QueryRun, call: CallRequest) -> str:
+        # The chairman's fallbacks are the council's business (it labels the synthesis
+        # "fallback_chairman"); a member's fallbacks stand in for it silently.
+        chain = (
+            (call.model,)
+            if call.stage == "synthesis"
+            else (call.model, *self.catalog.model(call.model).fallbacks)
+        )
+        last: errors.ProviderError | None = None
+        for model in chain:
+            try:
+                return await self._with_retries(state, model, call)
+            except errors.ProviderError as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def _with_retries(self, state: QueryRun, model: str, call: CallRequest) -> str:
+        provider_name, model_name = split_model_id(model)
+        provider = self.providers[provider_name]
+        price = self.catalog.model(model)
+        request = ChatRequest(model_name, call.messages, call.max_tokens, call.temperature)
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                async with self._limits[provider_name]:
+                    result = await provider.complete(self.client, request)
+            except errors.ProviderError as exc:
+                state.calls.append(_record(model, call.stage, attempt, started, error=exc))
+                if not exc.transient or state.retry_budget <= 0:
+                    raise
+                state.retry_budget -= 1
+                await asyncio.sleep(self._backoff(attempt, exc.retry_after))
+                continue
+            state.calls.append(
+                _record(
+                    model,
+                    call.stage,
+                    attempt,
+                    started,
+                    tokens=(result.input_tokens, result.output_tokens),
+                    cost=price.cost(result.input_tokens, result.output_tokens),
+                )
+            )
+            return result.text
+
+    def _backoff(self, attempt: int, hint: float | None) -> float:
+        # Full jitter (AWS architecture blog): spreads retries of many workers apart.
+        delay = self._rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+        if hint is not None:
+            delay = max(delay, min(hint, MAX_HINT_WAIT_S))
+        return delay
+
+
+def _record(
+    model: str,
+    stage: str,
+    attempt: int,
+    started: float,
+    *,
+    error: errors.ProviderError | None = None,
+    tokens: tuple[int, int] = (0, 0),
+    cost: float = 0.0,
+) -> CallRecord:
+    return CallRecord(
+        model=model,
+        stage=stage,
+        attempt=attempt,
+        status="failed" if error else "succeeded",
+        error_category=error.category if error else None,
+        latency_ms=int((time.perf_counter() - started) * 1000),
+        input_tokens=tokens[0],
+        output_tokens=tokens[1],
+        cost_usd=cost,
+        created_at=int(time.time()),
+    )
