@@ -25,7 +25,8 @@ class AppState:
 
 
 def get_state(request: Request) -> AppState:
-    return request.app.state.conclave  # type: ignore[no-any-return]
+    state: AppState = request.app.state.conclave
+    return state
 
 
 StateDep = Annotated[AppState, Depends(get_state)]

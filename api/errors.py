@@ -62,11 +62,10 @@ async def _validation_error(_: Request, exc: Exception) -> JSONBytes:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    if first.get("type") in ("json_invalid", "model_attributes_type") and tuple(first.get("loc", ()))[:1] == (
-        "body",
-    ):
-        if first.get("type") == "json_invalid" or len(first.get("loc", ())) == 1:
-            return error_response(400, "invalid_request_error", f"malformed body: {first.get('msg')}")
+    loc = tuple(first.get("loc", ()))
+    # A body that is not JSON, or not an object at all, is malformed (400), not an invalid field.
+    if first.get("type") == "json_invalid" or (loc == ("body",) and first.get("type") != "missing"):
+        return error_response(400, "invalid_request_error", f"malformed body: {first.get('msg')}")
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         return error_response(400, "invalid_request_error", "a JSON body is required")
     param = param_from_loc(tuple(first.get("loc", ())))

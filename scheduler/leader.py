@@ -8,6 +8,7 @@ takes over within one TTL.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -57,8 +58,6 @@ class LeaderLock:
         return acquired
 
     def release(self) -> None:
-        try:
+        with contextlib.suppress(redis.RedisError):
             self._release(keys=[self.key], args=[self.identity])
-        except redis.RedisError:
-            pass
         self.is_leader = False

@@ -20,11 +20,13 @@ from redis.exceptions import RedisError
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlmodel import col
 
 from api.schemas import BatchCreate
+from shared.db import affected
 from shared.errors import Conflict, DependencyDown, InvalidField, NotFound, PayloadTooLarge
 from shared.ids import new_id, new_ids
-from shared.models import BATCH_TERMINAL, Batch, Query
+from shared.models import BATCH_TERMINAL, BATCHES, QUERIES, Batch, Query
 from shared.providers.config import Catalog
 from shared.queries import finalize_if_done
 from shared.settings import Settings, parse_window
@@ -205,7 +207,7 @@ def create_batch(
         with sessions.begin() as session:
             session.add(batch)
             session.flush()
-            session.execute(insert(Query.__table__), rows)
+            session.execute(insert(QUERIES), rows)
     except IntegrityError:
         if idempotency_key is None:
             raise
@@ -221,8 +223,8 @@ def create_batch(
     except RedisError as exc:
         # Nothing half-stored: the client is told to retry, and the rows go away.
         with sessions.begin() as session:
-            session.execute(delete(Query.__table__).where(Query.batch_id == batch.id))
-            session.execute(delete(Batch.__table__).where(Batch.id == batch.id))
+            session.execute(delete(QUERIES).where(col(Query.batch_id) == batch.id))
+            session.execute(delete(BATCHES).where(col(Batch.id) == batch.id))
         raise DependencyDown("the queue is unavailable; nothing was stored, retry later") from exc
     return batch, Counts(total=batch.total, queued=batch.total), True
 
@@ -238,7 +240,7 @@ def _request_doc(q: Any) -> dict[str, Any]:
 
 def _by_idempotency_key(session: Session, tenant_id: str, key: str) -> Batch | None:
     return session.scalars(
-        select(Batch).where(Batch.tenant_id == tenant_id, Batch.idempotency_key == key)
+        select(Batch).where(col(Batch.tenant_id) == tenant_id, col(Batch.idempotency_key) == key)
     ).first()
 
 
@@ -258,15 +260,15 @@ def counts_for(session: Session, batch_ids: Sequence[str]) -> dict[str, Counts]:
         return {}
     rows = session.execute(
         select(
-            Query.batch_id,
-            Query.status,
+            col(Query.batch_id),
+            col(Query.status),
             func.count(),
-            func.coalesce(func.sum(Query.input_tokens), 0),
-            func.coalesce(func.sum(Query.output_tokens), 0),
-            func.coalesce(func.sum(Query.cost_usd), 0.0),
+            func.coalesce(func.sum(col(Query.input_tokens)), 0),
+            func.coalesce(func.sum(col(Query.output_tokens)), 0),
+            func.coalesce(func.sum(col(Query.cost_usd)), 0.0),
         )
-        .where(Query.batch_id.in_(batch_ids))
-        .group_by(Query.batch_id, Query.status)
+        .where(col(Query.batch_id).in_(batch_ids))
+        .group_by(col(Query.batch_id), col(Query.status))
     ).all()
     for batch_id, status, n, tin, tout, cost in rows:
         d = acc[batch_id]
@@ -289,13 +291,13 @@ def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:
 def list_batches(
     session: Session, tenant_id: str, *, limit: int, after: str | None, status: str | None
 ) -> tuple[list[Batch], bool]:
-    stmt = select(Batch).where(Batch.tenant_id == tenant_id)
+    stmt = select(Batch).where(col(Batch.tenant_id) == tenant_id)
     if status:
-        stmt = stmt.where(Batch.status == status)
+        stmt = stmt.where(col(Batch.status) == status)
     if after:
         # Ids are time-ordered, so "newest first after X" is simply "id < X".
-        stmt = stmt.where(Batch.id < after)
-    rows = list(session.scalars(stmt.order_by(Batch.id.desc()).limit(limit + 1)))
+        stmt = stmt.where(col(Batch.id) < after)
+    rows = list(session.scalars(stmt.order_by(col(Batch.id).desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 
 
@@ -364,17 +366,19 @@ def cancel_batch(sessions: sessionmaker[Session], tenant_id: str, batch_id: str)
         batch = get_batch(session, tenant_id, batch_id)
         if batch.status in BATCH_TERMINAL and batch.status != "cancelled":
             raise Conflict(f"batch is already {batch.status}", param="batch_id")
-        moved = session.execute(
-            update(Batch)
-            .where(Batch.id == batch_id, Batch.status.in_(("validating", "in_progress")))
-            .values(status="cancelling", cancelling_at=now)
-        ).rowcount
+        moved = affected(
+            session.execute(
+                update(Batch)
+                .where(col(Batch.id) == batch_id, col(Batch.status).in_(("validating", "in_progress")))
+                .values(status="cancelling", cancelling_at=now)
+            )
+        )
         if moved:
             # The conditional update is what makes cancel race-free against workers: a worker
             # only runs a query it moved from 'queued' to 'running' itself.
             session.execute(
                 update(Query)
-                .where(Query.batch_id == batch_id, Query.status == "queued")
+                .where(col(Query.batch_id) == batch_id, col(Query.status) == "queued")
                 .values(status="cancelled", finished_at=now, lease_expires_at=None)
             )
     # Checked after the commit, in a new transaction, so that this call or the worker that

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, Table, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 BATCH_TERMINAL = ("completed", "failed", "cancelled", "expired")
@@ -132,3 +132,9 @@ class ProviderCall(SQLModel, table=True):
     output_tokens: int = 0
     cost_usd: float = 0.0
     created_at: int
+
+
+# Core table handles for bulk statements (typed: SQLModel does not declare ``__table__``).
+QUERIES: Table = Query.__table__  # type: ignore[attr-defined]
+BATCHES: Table = Batch.__table__  # type: ignore[attr-defined]
+PROVIDER_CALLS: Table = ProviderCall.__table__  # type: ignore[attr-defined]

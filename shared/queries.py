@@ -18,9 +18,18 @@ from typing import Any
 
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
+from sqlmodel import col
 
+from shared.db import affected
 from shared.errors import NotFound
-from shared.models import QUERY_OPEN, QUERY_TERMINAL, Batch, ProviderCall, Query
+from shared.models import (
+    PROVIDER_CALLS,
+    QUERY_OPEN,
+    QUERY_TERMINAL,
+    Batch,
+    ProviderCall,
+    Query,
+)
 
 RESULT_PAGE = 1000
 
@@ -58,17 +67,26 @@ def claim_query(
     row = session.execute(
         update(Query)
         .where(
-            Query.id == query_id,
-            or_(Query.status == "queued", (Query.status == "running") & (Query.lease_expires_at < now)),
+            col(Query.id) == query_id,
+            or_(
+                col(Query.status) == "queued",
+                (col(Query.status) == "running") & (col(Query.lease_expires_at) < now),
+            ),
         )
         .values(
             status="running",
             worker_id=worker_id,
             lease_expires_at=now + lease_s,
-            attempts=Query.attempts + 1,
+            attempts=col(Query.attempts) + 1,
             started_at=now,
         )
-        .returning(Query.batch_id, Query.tenant_id, Query.priority, Query.request, Query.attempts)
+        .returning(
+            col(Query.batch_id),
+            col(Query.tenant_id),
+            col(Query.priority),
+            col(Query.request),
+            col(Query.attempts),
+        )
     ).first()
     if row is None:
         return None
@@ -76,7 +94,9 @@ def claim_query(
 
 
 def batch_config(session: Session, batch_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    row = session.execute(select(Batch.council, Batch.knowledge).where(Batch.id == batch_id)).one()
+    row = session.execute(
+        select(col(Batch.council), col(Batch.knowledge)).where(col(Batch.id) == batch_id)
+    ).one()
     return row.council, row.knowledge
 
 
@@ -97,7 +117,7 @@ def record_outcome(
     if calls:
         # Calls are recorded even when the outcome is not ours to write: they were made and cost money.
         session.execute(
-            insert(ProviderCall.__table__),
+            insert(PROVIDER_CALLS),
             [
                 {
                     **asdict(c),
@@ -111,22 +131,26 @@ def record_outcome(
     input_tokens = sum(c.input_tokens for c in calls)
     output_tokens = sum(c.output_tokens for c in calls)
     cost = sum(c.cost_usd for c in calls)
-    written = session.execute(
-        update(Query)
-        .where(Query.id == claimed.id, Query.status == "running", Query.worker_id == worker_id)
-        .values(
-            status=status,
-            result=result,
-            error=error,
-            routing=routing,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_usd=cost,
-            latency_ms=latency_ms,
-            finished_at=now,
-            lease_expires_at=None,
+    written = affected(
+        session.execute(
+            update(Query)
+            .where(
+                col(Query.id) == claimed.id, col(Query.status) == "running", col(Query.worker_id) == worker_id
+            )
+            .values(
+                status=status,
+                result=result,
+                error=error,
+                routing=routing,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cost_usd=cost,
+                latency_ms=latency_ms,
+                finished_at=now,
+                lease_expires_at=None,
+            )
         )
-    ).rowcount
+    )
     return bool(written)
 
 
@@ -138,7 +162,9 @@ def finalize_if_done(session: Session, batch_id: str, now: int | None = None) ->
     whichever of several racing workers commits last is guaranteed to see no open query.
     """
     open_left = session.execute(
-        select(Query.id).where(Query.batch_id == batch_id, Query.status.in_(QUERY_OPEN)).limit(1)
+        select(col(Query.id))
+        .where(col(Query.batch_id) == batch_id, col(Query.status).in_(QUERY_OPEN))
+        .limit(1)
     ).first()
     if open_left is not None:
         return None
@@ -147,11 +173,13 @@ def finalize_if_done(session: Session, batch_id: str, now: int | None = None) ->
         ("in_progress", "completed", "completed_at"),
         ("cancelling", "cancelled", "cancelled_at"),
     ):
-        moved = session.execute(
-            update(Batch)
-            .where(Batch.id == batch_id, Batch.status == from_status)
-            .values(status=to_status, finalizing_at=now, **{stamp: now})
-        ).rowcount
+        moved = affected(
+            session.execute(
+                update(Batch)
+                .where(col(Batch.id) == batch_id, col(Batch.status) == from_status)
+                .values(status=to_status, finalizing_at=now, **{stamp: now})
+            )
+        )
         if moved:
             return to_status
     return None
@@ -209,17 +237,17 @@ def result_record(row: Any, include_stages: bool = False) -> dict[str, Any]:
 
 
 _RESULT_COLUMNS = (
-    Query.seq,
-    Query.id,
-    Query.custom_id,
-    Query.status,
-    Query.result,
-    Query.error,
-    Query.routing,
-    Query.input_tokens,
-    Query.output_tokens,
-    Query.cost_usd,
-    Query.latency_ms,
+    col(Query.seq),
+    col(Query.id),
+    col(Query.custom_id),
+    col(Query.status),
+    col(Query.result),
+    col(Query.error),
+    col(Query.routing),
+    col(Query.input_tokens),
+    col(Query.output_tokens),
+    col(Query.cost_usd),
+    col(Query.latency_ms),
 )
 
 
@@ -233,8 +261,12 @@ def iter_results(
         with sessions() as session:
             rows = session.execute(
                 select(*_RESULT_COLUMNS)
-                .where(Query.batch_id == batch_id, Query.status.in_(statuses), Query.seq > last_seq)
-                .order_by(Query.seq)
+                .where(
+                    col(Query.batch_id) == batch_id,
+                    col(Query.status).in_(statuses),
+                    col(Query.seq) > last_seq,
+                )
+                .order_by(col(Query.seq))
                 .limit(RESULT_PAGE)
             ).all()
         for row in rows:
@@ -249,7 +281,7 @@ def query_detail(session: Session, tenant_id: str, query_id: str) -> dict[str, A
     if query is None or query.tenant_id != tenant_id:
         raise NotFound(f"no query {query_id!r}", param="query_id")
     calls = session.scalars(
-        select(ProviderCall).where(ProviderCall.query_id == query_id).order_by(ProviderCall.id)
+        select(ProviderCall).where(col(ProviderCall.query_id) == query_id).order_by(col(ProviderCall.id))
     ).all()
     detail = result_record(query, include_stages=True)
     detail.update(

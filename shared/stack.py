@@ -187,9 +187,9 @@ class Stack:
         """Why the stack is broken (a process exited), or None."""
         for proc in self.procs:
             if proc.poll() is not None:
-                return (
-                    f"{' '.join(map(str, proc.args[1:4]))} exited with {proc.returncode}; logs in {self.logs}"
-                )
+                args = proc.args if isinstance(proc.args, list) else [proc.args]
+                what = " ".join(str(a) for a in args[1:4])
+                return f"{what} exited with {proc.returncode}; logs in {self.logs}"
         return None
 
     def log_text(self) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from shared.errors import Unauthorized
 from shared.ids import new_id
@@ -60,7 +61,7 @@ def issue_key(
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}")
     now = int(time.time())
-    tenant = session.scalars(select(Tenant).where(Tenant.name == tenant_name)).first()
+    tenant = session.scalars(select(Tenant).where(col(Tenant.name) == tenant_name)).first()
     created = tenant is None
     if tenant is None:
         tenant = Tenant(
@@ -91,9 +92,15 @@ def authenticate(session: Session, api_key: str | None) -> Principal:
     if not api_key:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     row = session.execute(
-        select(ApiKey.id, ApiKey.tenant_id, ApiKey.role, ApiKey.revoked_at, Tenant.is_operator)
-        .join(Tenant, Tenant.id == ApiKey.tenant_id)
-        .where(ApiKey.key_hash == hash_key(api_key))
+        select(
+            col(ApiKey.id),
+            col(ApiKey.tenant_id),
+            col(ApiKey.role),
+            col(ApiKey.revoked_at),
+            col(Tenant.is_operator),
+        )
+        .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
+        .where(col(ApiKey.key_hash) == hash_key(api_key))
     ).first()
     if row is None or row.revoked_at is not None:
         raise Unauthorized("invalid API key")

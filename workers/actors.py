@@ -144,8 +144,5 @@ def _price(ctx: WorkerContext, model: str) -> float:
 
 for _priority in PRIORITIES:
     dramatiq.actor(
-        process_query,
-        actor_name=ACTOR_NAMES[_priority],
-        queue_name=_priority,
-        priority=ACTOR_PRIORITY[_priority],
-    )
+        actor_name=ACTOR_NAMES[_priority], queue_name=_priority, priority=ACTOR_PRIORITY[_priority]
+    )(process_query)

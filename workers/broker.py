@@ -16,7 +16,7 @@ from dramatiq.common import current_millis
 from dramatiq.message import Message
 from dramatiq.middleware import AsyncIO, CurrentMessage, ShutdownNotifications, TimeLimit
 
-from shared.settings import PRIORITIES
+from shared.settings import PRIORITIES, Priority
 
 # Actor priority within one worker process: lower runs first.
 ACTOR_PRIORITY = {"high": 0, "normal": 10, "low": 20}
@@ -50,7 +50,7 @@ def install_broker(redis_url: str, namespace: str = "conclave") -> RedisBroker:
     return broker
 
 
-def query_message(query_id: str, priority: str, trace: dict[str, str] | None = None) -> Message:
+def query_message(query_id: str, priority: Priority, trace: dict[str, str] | None = None) -> Message:
     # The query id doubles as the Redis message id, so reconciliation can ask Redis whether a
     # query's message still exists (queued or in flight) with one HEXISTS per query.
     options: dict[str, object] = {"redis_message_id": query_id}
@@ -112,7 +112,7 @@ def _after_enqueue(broker: RedisBroker, messages: list[Message]) -> int:
     return len(messages)
 
 
-def messages_exist(broker: RedisBroker, items: list[tuple[str, str]]) -> list[bool]:
+def messages_exist(broker: RedisBroker, items: list[tuple[str, Priority]]) -> list[bool]:
     """For (query_id, priority) pairs: does the query's message still exist in Redis?"""
     pipe = broker.client.pipeline(transaction=False)
     for query_id, priority in items:

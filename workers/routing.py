@@ -36,7 +36,7 @@ class Route:
 
 
 def complexity(text: str, turns: int) -> tuple[int, list[str]]:
-    score, why = 0, []
+    score, why = 0, list[str]()
     words = len(text.split())
     if words > 150:
         score, why = score + 2, [*why, f"{words} words"]

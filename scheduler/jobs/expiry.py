@@ -7,7 +7,9 @@ import time
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
+from sqlmodel import col
 
+from shared.db import affected
 from shared.models import QUERY_OPEN, Batch, Query
 
 log = logging.getLogger("conclave.scheduler")
@@ -18,21 +20,25 @@ def expire_batches(sessions: sessionmaker[Session], now: int | None = None) -> l
     expired: list[str] = []
     with sessions() as session:
         due = session.scalars(
-            select(Batch.id).where(Batch.status.in_(("validating", "in_progress")), Batch.expires_at < now)
+            select(col(Batch.id)).where(
+                col(Batch.status).in_(("validating", "in_progress")), col(Batch.expires_at) < now
+            )
         ).all()
     for batch_id in due:
         with sessions.begin() as session:
-            moved = session.execute(
-                update(Batch)
-                .where(Batch.id == batch_id, Batch.status.in_(("validating", "in_progress")))
-                .values(status="expired", expired_at=now, finalizing_at=now)
-            ).rowcount
+            moved = affected(
+                session.execute(
+                    update(Batch)
+                    .where(col(Batch.id) == batch_id, col(Batch.status).in_(("validating", "in_progress")))
+                    .values(status="expired", expired_at=now, finalizing_at=now)
+                )
+            )
             if not moved:
                 continue
             # A running query's late outcome is then refused (record_outcome needs 'running').
             session.execute(
                 update(Query)
-                .where(Query.batch_id == batch_id, Query.status.in_(QUERY_OPEN))
+                .where(col(Query.batch_id) == batch_id, col(Query.status).in_(QUERY_OPEN))
                 .values(
                     status="expired",
                     finished_at=now,

@@ -14,6 +14,7 @@ import time
 from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
+from sqlmodel import col
 
 from shared.models import Query
 from workers.broker import enqueue_messages, messages_exist, query_message
@@ -30,11 +31,11 @@ def reconcile(sessions: sessionmaker[Session], broker: RedisBroker, now: int | N
     now = now or int(time.time())
     with sessions() as session:
         rows = session.execute(
-            select(Query.id, Query.priority)
+            select(col(Query.id), col(Query.priority))
             .where(
                 or_(
-                    (Query.status == "queued") & (Query.enqueued_at < now - GRACE_S),
-                    (Query.status == "running") & (Query.lease_expires_at < now),
+                    (col(Query.status) == "queued") & (col(Query.enqueued_at) < now - GRACE_S),
+                    (col(Query.status) == "running") & (col(Query.lease_expires_at) < now),
                 )
             )
             .limit(SCAN_LIMIT)
@@ -47,6 +48,6 @@ def reconcile(sessions: sessionmaker[Session], broker: RedisBroker, now: int | N
         return 0
     enqueue_messages(broker, (query_message(qid, priority) for qid, priority in lost))
     with sessions.begin() as session:
-        session.execute(update(Query).where(Query.id.in_([q for q, _ in lost])).values(enqueued_at=now))
+        session.execute(update(Query).where(col(Query.id).in_([q for q, _ in lost])).values(enqueued_at=now))
     log.info("re-enqueued %d queries whose messages were lost", len(lost))
     return len(lost)

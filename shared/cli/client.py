@@ -86,7 +86,10 @@ def wait_with_progress(
         while True:
             counts = batch["request_counts"]
             done = counts["completed"] + counts["failed"] + counts["cancelled"] + counts["expired"]
-            detail = f"{batch['status']} · ok {counts['completed']} · failed {counts['failed']} · running {counts['running']}"
+            detail = (
+                f"{batch['status']} · ok {counts['completed']} · failed {counts['failed']}"
+                f" · running {counts['running']}"
+            )
             progress.update(task, completed=done, detail=detail)
             if batch["status"] in TERMINAL:
                 return batch

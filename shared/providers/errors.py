@@ -5,7 +5,7 @@ boundary (``raise RateLimited(...) from exc``); nothing above a provider module 
 status code. The council and the runner only ever see ``ProviderError`` subclasses.
 
     ProviderError                  root; ``category`` is the SPEC name, ``transient`` says retry
-    ├── RateLimited                429 (``retry_after`` from retry-after / retry-after-ms / x-ratelimit-reset-*)
+    ├── RateLimited                429; ``retry_after`` from retry-after(-ms), x-ratelimit-reset-*
     ├── Overloaded                 503, Anthropic 529
     ├── ServerError                other 5xx
     ├── Timeout                    no complete answer within the provider's timeout

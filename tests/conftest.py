@@ -1,0 +1,169 @@
+"""Shared fixtures: real Redis, a real database (SQLite, or PostgreSQL with CONCLAVE_TEST_DB=postgresql),
+the simulated provider over real HTTP, and the real processes of a deployment.
+
+A service a test needs is skipped locally when absent and required when ``CI`` is set.
+Every session uses its own Redis key namespace and its own database, so runs never collide.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from shared.db import make_engine, make_sessionmaker, upgrade
+from shared.settings import Settings
+from shared.sim import SimConfig, SimServer
+from shared.stack import Stack, redis_reachable
+from shared.tenants import issue_key
+
+IN_CI = bool(os.environ.get("CI"))
+REDIS_URL = os.environ.get("CONCLAVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("CONCLAVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+DB_KIND = os.environ.get("CONCLAVE_TEST_DB", "sqlite")
+
+
+def require(available: bool, what: str) -> None:
+    if available:
+        return
+    if IN_CI:
+        raise RuntimeError(f"{what} is required when CI is set")
+    pytest.skip(f"{what} is not available")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    require(redis_reachable(REDIS_URL), f"Redis at {REDIS_URL}")
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def namespace(redis_url: str) -> Iterator[str]:
+    ns = f"ctest-{uuid.uuid4().hex[:10]}"
+    yield ns
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{ns}:*", count=1000))
+    for i in range(0, len(keys), 1000):
+        client.delete(*keys[i : i + 1000])
+    client.close()
+
+
+def _postgres_available() -> bool:
+    try:
+        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if DB_KIND == "postgresql":
+        require(_postgres_available(), f"PostgreSQL at {POSTGRES_URL}")
+        name = f"conclave_test_{uuid.uuid4().hex[:10]}"
+        admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+        upgrade(url)
+        yield url
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+    else:
+        path: Path = tmp_path_factory.mktemp("db") / "conclave.db"
+        url = f"sqlite:///{path}"
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def sim_server() -> Iterator[SimServer]:
+    with SimServer(SimConfig(seed=1234)) as server:
+        yield server
+
+
+@pytest.fixture
+def sim(sim_server: SimServer) -> Iterator[SimServer]:
+    """The simulated provider, reset to a fast, fault-free configuration for each test."""
+    default = {"latency_ms": 0, "latency_jitter_ms": 0, "error_rate": 0, "error_kinds": ["server"],
+               "models": {}, "messy_ranking_rate": 0}
+    httpx.post(f"{sim_server.url}/_sim/config", json=default).raise_for_status()
+    httpx.delete(f"{sim_server.url}/_sim/log").raise_for_status()
+    yield sim_server
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str, namespace: str, sim_server: SimServer,
+             tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        queue_namespace=namespace,
+        sim_provider_url=sim_server.url,
+        providers_file=tmp_path_factory.mktemp("cfg") / "absent-providers.toml",
+        environment="test",
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    return {
+        "CONCLAVE_DATABASE_URL": settings.database_url,
+        "CONCLAVE_REDIS_URL": settings.redis_url,
+        "CONCLAVE_QUEUE_NAMESPACE": settings.queue_namespace,
+        "CONCLAVE_SIM_PROVIDER_URL": settings.sim_provider_url,
+        "CONCLAVE_PROVIDERS_FILE": str(settings.providers_file),
+        "CONCLAVE_ENVIRONMENT": "test",
+        "CONCLAVE_LOG_LEVEL": "WARNING",
+    }
+
+
+@pytest.fixture(scope="session")
+def sessions(settings: Settings) -> Any:
+    engine = make_engine(settings.database_url, pool_size=4)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The real processes: one API (uvicorn) and two worker processes on real Redis."""
+    stack = Stack(env={**os.environ, **settings_env(settings)}, logs=tmp_path_factory.mktemp("logs"))
+    try:
+        stack.start_api()
+        stack.start_workers(processes=2, threads=32)
+        yield stack
+    finally:
+        stack.stop()
+        if stack.dead():
+            print(stack.log_text())
+
+
+def new_key(sessions: Any, tenant: str | None = None, role: str = "admin") -> tuple[str, str]:
+    with sessions.begin() as session:
+        issued = issue_key(session, tenant_name=tenant or f"t-{uuid.uuid4().hex[:8]}", role=role, tier="enterprise")
+    return issued.api_key, issued.tenant_id
+
+
+@pytest.fixture
+def tenant_key(sessions: Any) -> tuple[str, str]:
+    return new_key(sessions)
+
+
+@pytest.fixture
+def client(stack: Stack, tenant_key: tuple[str, str]) -> Iterator[httpx.Client]:
+    assert stack.api_url
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {tenant_key[0]}"},
+                      timeout=60) as c:
+        yield c
