@@ -1,0 +1,90 @@
+"""Shared pieces of the benchmark scripts: a throwaway stack, process CPU/RSS readings, tables."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from shared.stack import Stack, ensure_redis
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class ProcSample:
+    cpu_s: float
+    rss_mb: float
+
+
+def proc_tree_sample(pid: int) -> ProcSample:
+    """CPU seconds (user+system) and RSS of a process and its children, from /proc."""
+    pids = [pid, *_children(pid)]
+    cpu = 0.0
+    rss = 0.0
+    for p in pids:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu += (int(stat[11]) + int(stat[12])) / CLOCK_TICKS
+            rss += int(stat[21]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return ProcSample(cpu, rss)
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return found
+    for kid in kids:
+        found.append(int(kid))
+        found.extend(_children(int(kid)))
+    return found
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * pct / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def bench_env(redis_url: str, database_url: str | None = None, sim_url: str = "http://127.0.0.1:1") -> dict[str, str]:
+    workdir = Path(tempfile.mkdtemp(prefix="conclave-bench-"))
+    return {
+        **os.environ,
+        "CONCLAVE_DATABASE_URL": database_url or f"sqlite:///{workdir / 'bench.db'}",
+        "CONCLAVE_REDIS_URL": redis_url,
+        "CONCLAVE_QUEUE_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}",
+        "CONCLAVE_SIM_PROVIDER_URL": sim_url,
+        "CONCLAVE_PROVIDERS_FILE": str(workdir / "absent.toml"),
+        "CONCLAVE_LOG_LEVEL": "WARNING",
+        "CONCLAVE_MAX_BATCH_QUERIES": "50000",
+    }
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column != columns[0] else "left")
+    for row in rows:
+        table.add_row(*(str(c) for c in row))
+    Console().print(table)
+
+
+__all__ = ["ProcSample", "Stack", "bench_env", "ensure_redis", "median", "percentile", "print_table", "proc_tree_sample"]
