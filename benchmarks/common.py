@@ -64,7 +64,9 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def bench_env(redis_url: str, database_url: str | None = None, sim_url: str = "http://127.0.0.1:1") -> dict[str, str]:
+def bench_env(
+    redis_url: str, database_url: str | None = None, sim_url: str = "http://127.0.0.1:1"
+) -> dict[str, str]:
     workdir = Path(tempfile.mkdtemp(prefix="conclave-bench-"))
     return {
         **os.environ,
@@ -87,4 +89,13 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obje
     Console().print(table)
 
 
-__all__ = ["ProcSample", "Stack", "bench_env", "ensure_redis", "median", "percentile", "print_table", "proc_tree_sample"]
+__all__ = [
+    "ProcSample",
+    "Stack",
+    "bench_env",
+    "ensure_redis",
+    "median",
+    "percentile",
+    "print_table",
+    "proc_tree_sample",
+]

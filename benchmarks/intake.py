@@ -18,7 +18,15 @@ import uuid
 import httpx
 import redis
 
-from benchmarks.common import Stack, bench_env, ensure_redis, median, percentile, print_table, proc_tree_sample
+from benchmarks.common import (
+    Stack,
+    bench_env,
+    ensure_redis,
+    median,
+    percentile,
+    print_table,
+    proc_tree_sample,
+)
 from shared.db import make_engine, make_sessionmaker, upgrade
 from shared.tenants import issue_key
 
@@ -27,8 +35,12 @@ def batch_body(size: int, tag: str) -> bytes:
     import orjson
 
     return orjson.dumps(
-        {"queries": [{"custom_id": f"{tag}-{i}", "prompt": f"Benchmark question {i}: what is {i} squared?"}
-                     for i in range(size)]}
+        {
+            "queries": [
+                {"custom_id": f"{tag}-{i}", "prompt": f"Benchmark question {i}: what is {i} squared?"}
+                for i in range(size)
+            ]
+        }
     )
 
 
@@ -45,7 +57,9 @@ def main() -> None:
     env = bench_env(redis_.url, args.database_url)
     upgrade(env["CONCLAVE_DATABASE_URL"])
     with make_sessionmaker(make_engine(env["CONCLAVE_DATABASE_URL"], pool_size=1)).begin() as session:
-        key = issue_key(session, tenant_name=f"bench-{uuid.uuid4().hex[:6]}", role="user", tier="enterprise").api_key
+        key = issue_key(
+            session, tenant_name=f"bench-{uuid.uuid4().hex[:6]}", role="user", tier="enterprise"
+        ).api_key
     stack = Stack(env=env)
     rdb = redis.Redis.from_url(redis_.url)
     namespace = env["CONCLAVE_QUEUE_NAMESPACE"]

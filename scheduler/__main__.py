@@ -43,7 +43,9 @@ def main() -> None:
     upgrade(settings.database_url)
     sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=4))
     broker = make_broker(settings.redis_url, settings.queue_namespace)
-    lock = LeaderLock(redis.Redis.from_url(settings.redis_url), key=f"{settings.queue_namespace}:scheduler:leader")
+    lock = LeaderLock(
+        redis.Redis.from_url(settings.redis_url), key=f"{settings.queue_namespace}:scheduler:leader"
+    )
 
     scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
     scheduler.add_job(lock.tick, "interval", seconds=lock.ttl_ms / 3000, id="leader")

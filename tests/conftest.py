@@ -26,7 +26,9 @@ from shared.tenants import issue_key
 
 IN_CI = bool(os.environ.get("CI"))
 REDIS_URL = os.environ.get("CONCLAVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get("CONCLAVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "CONCLAVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 DB_KIND = os.environ.get("CONCLAVE_TEST_DB", "sqlite")
 
 
@@ -96,16 +98,27 @@ def sim_server() -> Iterator[SimServer]:
 @pytest.fixture
 def sim(sim_server: SimServer) -> Iterator[SimServer]:
     """The simulated provider, reset to a fast, fault-free configuration for each test."""
-    default = {"latency_ms": 0, "latency_jitter_ms": 0, "error_rate": 0, "error_kinds": ["server"],
-               "models": {}, "messy_ranking_rate": 0}
+    default = {
+        "latency_ms": 0,
+        "latency_jitter_ms": 0,
+        "error_rate": 0,
+        "error_kinds": ["server"],
+        "models": {},
+        "messy_ranking_rate": 0,
+    }
     httpx.post(f"{sim_server.url}/_sim/config", json=default).raise_for_status()
     httpx.delete(f"{sim_server.url}/_sim/log").raise_for_status()
     yield sim_server
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str, redis_url: str, namespace: str, sim_server: SimServer,
-             tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def settings(
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+    sim_server: SimServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Settings:
     return Settings(
         database_url=database_url,
         redis_url=redis_url,
@@ -152,7 +165,9 @@ def stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 def new_key(sessions: Any, tenant: str | None = None, role: str = "admin") -> tuple[str, str]:
     with sessions.begin() as session:
-        issued = issue_key(session, tenant_name=tenant or f"t-{uuid.uuid4().hex[:8]}", role=role, tier="enterprise")
+        issued = issue_key(
+            session, tenant_name=tenant or f"t-{uuid.uuid4().hex[:8]}", role=role, tier="enterprise"
+        )
     return issued.api_key, issued.tenant_id
 
 
@@ -164,6 +179,7 @@ def tenant_key(sessions: Any) -> tuple[str, str]:
 @pytest.fixture
 def client(stack: Stack, tenant_key: tuple[str, str]) -> Iterator[httpx.Client]:
     assert stack.api_url
-    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {tenant_key[0]}"},
-                      timeout=60) as c:
+    with httpx.Client(
+        base_url=stack.api_url, headers={"Authorization": f"Bearer {tenant_key[0]}"}, timeout=60
+    ) as c:
         yield c

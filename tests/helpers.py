@@ -26,15 +26,26 @@ def poll(check: Callable[[], T | None], timeout: float, interval: float = 0.2, w
 
 def counts_add_up(batch: dict[str, Any]) -> bool:
     c = batch["request_counts"]
-    return c["completed"] + c["failed"] + c["queued"] + c["running"] + c["cancelled"] + c["expired"] == c["total"]
+    return (
+        c["completed"] + c["failed"] + c["queued"] + c["running"] + c["cancelled"] + c["expired"]
+        == c["total"]
+    )
 
 
 def tagged_queries(n: int, prefix: str = "q") -> list[dict[str, Any]]:
     # Fixed-width tags: no tag is a substring of another, so a provider log can be searched for one.
-    return [{"custom_id": f"{prefix}-{i}", "prompt": f"[tag:{prefix}-{i:06d}] What is {i} squared?"} for i in range(n)]
+    return [
+        {"custom_id": f"{prefix}-{i}", "prompt": f"[tag:{prefix}-{i:06d}] What is {i} squared?"}
+        for i in range(n)
+    ]
 
 
-def wait_for_batch(client: httpx.Client, batch_id: str, timeout: float, on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def wait_for_batch(
+    client: httpx.Client,
+    batch_id: str,
+    timeout: float,
+    on_poll: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         batch = client.get(f"/v1/batches/{batch_id}").json()
         if on_poll:

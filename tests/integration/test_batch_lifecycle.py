@@ -19,7 +19,9 @@ def set_sim(sim: SimServer, **config: object) -> None:
     httpx.post(f"{sim.url}/_sim/config", json=config).raise_for_status()
 
 
-def test_thousand_query_council_batch_completes_with_full_records(client: httpx.Client, sim: SimServer) -> None:
+def test_thousand_query_council_batch_completes_with_full_records(
+    client: httpx.Client, sim: SimServer
+) -> None:
     set_sim(sim, latency_ms=50)
     created = client.post("/v1/batches", json={"queries": tagged_queries(1000)})
     assert created.status_code == 202, created.text
@@ -67,9 +69,13 @@ def test_thousand_query_council_batch_completes_with_full_records(client: httpx.
     assert len(detail["stages"]["reviews"]) == 3
 
 
-def test_cancel_running_batch_stops_provider_calls_for_cancelled_queries(client: httpx.Client, sim: SimServer) -> None:
+def test_cancel_running_batch_stops_provider_calls_for_cancelled_queries(
+    client: httpx.Client, sim: SimServer
+) -> None:
     set_sim(sim, latency_ms=50)
-    created = client.post("/v1/batches", json={"queries": tagged_queries(5000, prefix="c"), "priority": "normal"})
+    created = client.post(
+        "/v1/batches", json={"queries": tagged_queries(5000, prefix="c"), "priority": "normal"}
+    )
     assert created.status_code == 202, created.text
     batch_id = created.json()["id"]
 
@@ -91,7 +97,8 @@ def test_cancel_running_batch_stops_provider_calls_for_cancelled_queries(client:
     assert counts["cancelled"] > 0 and counts["completed"] >= 50
 
     cancelled_ids = {
-        r["custom_id"] for r in jsonl(client.get(f"/v1/batches/{batch_id}/results", params={"status": "cancelled"}))
+        r["custom_id"]
+        for r in jsonl(client.get(f"/v1/batches/{batch_id}/results", params={"status": "cancelled"}))
     }
     assert len(cancelled_ids) == counts["cancelled"]
     # No provider ever heard of a cancelled query.

@@ -48,27 +48,75 @@ def q(i: int, **extra: Any) -> dict[str, Any]:
 
 
 BAD_BODIES = [
-    pytest.param({"queries": [q(0), q(1), {"custom_id": "q-0", "prompt": "again"}]}, 422, "queries[2].custom_id", id="duplicate-custom-id"),
-    pytest.param({"queries": [q(0), {"custom_id": "x", "prompt": "p", "messages": [{"role": "user", "content": "m"}]}]}, 422, "queries[1].prompt", id="both-prompt-and-messages"),
-    pytest.param({"queries": [q(0), q(1), {"custom_id": "x"}]}, 422, "queries[2].prompt", id="neither-prompt-nor-messages"),
+    pytest.param(
+        {"queries": [q(0), q(1), {"custom_id": "q-0", "prompt": "again"}]},
+        422,
+        "queries[2].custom_id",
+        id="duplicate-custom-id",
+    ),
+    pytest.param(
+        {
+            "queries": [
+                q(0),
+                {"custom_id": "x", "prompt": "p", "messages": [{"role": "user", "content": "m"}]},
+            ]
+        },
+        422,
+        "queries[1].prompt",
+        id="both-prompt-and-messages",
+    ),
+    pytest.param(
+        {"queries": [q(0), q(1), {"custom_id": "x"}]},
+        422,
+        "queries[2].prompt",
+        id="neither-prompt-nor-messages",
+    ),
     pytest.param({"queries": []}, 422, "queries", id="empty-queries"),
     pytest.param({"queries": [q(0)], "priority": "urgent"}, 422, "priority", id="unknown-priority"),
     pytest.param({"queries": [q(i) for i in range(101)]}, 413, "queries", id="too-many-queries"),
-    pytest.param({"queries": [{"custom_id": "x" * 65, "prompt": "p"}]}, 422, "queries[0].custom_id", id="custom-id-too-long"),
-    pytest.param({"queries": [q(0)], "council": {"members": ["nope:model"]}}, 422, "council.members[0]", id="unknown-provider"),
-    pytest.param({"queries": [q(0)], "council": {"mode": "council", "chairman": "gpt-4o"}}, 422, "council.chairman", id="bad-chairman-id"),
-    pytest.param({"queries": [q(0)], "metadata": {f"k{i}": "v" for i in range(17)}}, 422, "metadata", id="metadata-too-many-keys"),
+    pytest.param(
+        {"queries": [{"custom_id": "x" * 65, "prompt": "p"}]},
+        422,
+        "queries[0].custom_id",
+        id="custom-id-too-long",
+    ),
+    pytest.param(
+        {"queries": [q(0)], "council": {"members": ["nope:model"]}},
+        422,
+        "council.members[0]",
+        id="unknown-provider",
+    ),
+    pytest.param(
+        {"queries": [q(0)], "council": {"mode": "council", "chairman": "gpt-4o"}},
+        422,
+        "council.chairman",
+        id="bad-chairman-id",
+    ),
+    pytest.param(
+        {"queries": [q(0)], "metadata": {f"k{i}": "v" for i in range(17)}},
+        422,
+        "metadata",
+        id="metadata-too-many-keys",
+    ),
     pytest.param({"queries": [q(0)], "completion_window": "30d"}, 422, "completion_window", id="bad-window"),
-    pytest.param({"queries": [{"custom_id": "a", "messages": [{"role": "robot", "content": "x"}]}]}, 422, "queries[0].messages[0].role", id="bad-role"),
+    pytest.param(
+        {"queries": [{"custom_id": "a", "messages": [{"role": "robot", "content": "x"}]}]},
+        422,
+        "queries[0].messages[0].role",
+        id="bad-role",
+    ),
     pytest.param({"queries": [q(0, max_tokens=0)]}, 422, "queries[0].max_tokens", id="bad-max-tokens"),
-    pytest.param({"queries": [q(0)], "webhook_url": "ftp://example.com/x"}, 422, "webhook_url", id="bad-webhook-scheme"),
+    pytest.param(
+        {"queries": [q(0)], "webhook_url": "ftp://example.com/x"}, 422, "webhook_url", id="bad-webhook-scheme"
+    ),
     pytest.param({"queries": [q(0)], "surprise": 1}, 422, "surprise", id="unknown-field"),
 ]
 
 
 @pytest.mark.parametrize(("body", "status", "param"), BAD_BODIES)
-def test_bad_batches_are_refused_with_param_and_change_nothing(api: TestClient, app: Any, sessions: Any,
-                                                               body: dict, status: int, param: str) -> None:
+def test_bad_batches_are_refused_with_param_and_change_nothing(
+    api: TestClient, app: Any, sessions: Any, body: dict, status: int, param: str
+) -> None:
     before = snapshot(sessions, app)
     response = api.post("/v1/batches", json=body)
     assert response.status_code == status, response.text
@@ -87,14 +135,23 @@ def test_malformed_body_is_400(api: TestClient, raw: bytes) -> None:
 
 def test_accepted_batch_is_stored_and_enqueued_in_full(api: TestClient, app: Any, sessions: Any) -> None:
     before_batches, before_queries, before_depth = snapshot(sessions, app)
-    response = api.post("/v1/batches", json={"queries": [q(i) for i in range(50)], "priority": "low",
-                                             "metadata": {"project": "x"}})
+    response = api.post(
+        "/v1/batches",
+        json={"queries": [q(i) for i in range(50)], "priority": "low", "metadata": {"project": "x"}},
+    )
     assert response.status_code == 202
     batch = response.json()
     assert batch["status"] == "in_progress" and batch["priority"] == "low"
     assert batch["metadata"] == {"project": "x"}
-    assert batch["request_counts"] == {"total": 50, "completed": 0, "failed": 0, "queued": 50, "running": 0,
-                                       "cancelled": 0, "expired": 0}
+    assert batch["request_counts"] == {
+        "total": 50,
+        "completed": 0,
+        "failed": 0,
+        "queued": 50,
+        "running": 0,
+        "cancelled": 0,
+        "expired": 0,
+    }
     assert batch["expires_at"] == batch["created_at"] + 24 * 3600
     batches, queries, depth = snapshot(sessions, app)
     assert (batches, queries) == (before_batches + 1, before_queries + 50)
@@ -122,8 +179,12 @@ def test_auth_and_tenant_scoping(api: TestClient, app: Any, sessions: Any) -> No
         assert anon.get("/v1/batches", headers={"Authorization": "Basic abc"}).status_code == 401
         other_key, _ = new_key(sessions)
         other = {"Authorization": f"Bearer {other_key}"}
-        for method, path in [("GET", f"/v1/batches/{batch_id}"), ("POST", f"/v1/batches/{batch_id}/cancel"),
-                             ("GET", f"/v1/batches/{batch_id}/results"), ("GET", "/v1/queries/query_unknown")]:
+        for method, path in [
+            ("GET", f"/v1/batches/{batch_id}"),
+            ("POST", f"/v1/batches/{batch_id}/cancel"),
+            ("GET", f"/v1/batches/{batch_id}/results"),
+            ("GET", "/v1/queries/query_unknown"),
+        ]:
             response = anon.request(method, path, headers=other)
             assert response.status_code == 404, (method, path)
             assert response.json()["error"]["type"] == "not_found_error"
@@ -165,6 +226,13 @@ def test_health_endpoints(api: TestClient) -> None:
 
 def test_openapi_lists_every_batch_endpoint(api: TestClient) -> None:
     paths = api.get("/openapi.json").json()["paths"]
-    for path in ["/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel",
-                 "/v1/batches/{batch_id}/results", "/v1/queries/{query_id}", "/healthz", "/readyz"]:
+    for path in [
+        "/v1/batches",
+        "/v1/batches/{batch_id}",
+        "/v1/batches/{batch_id}/cancel",
+        "/v1/batches/{batch_id}/results",
+        "/v1/queries/{query_id}",
+        "/healthz",
+        "/readyz",
+    ]:
         assert path in paths

@@ -1,0 +1,35 @@
+# The two quickstart commands: `make demo` (the main job) and `make test` (checks and tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint unit integration test-sqlite test-postgresql bench services
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/conclave demo
+
+services:
+	@bash .ci/services || true
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+test-sqlite: $(STAMP)
+	CONCLAVE_TEST_DB=sqlite $(BIN)/pytest -q
+
+test-postgresql: $(STAMP)
+	CONCLAVE_TEST_DB=postgresql $(BIN)/pytest -q tests/integration
+
+test: services lint test-sqlite test-postgresql
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.intake
