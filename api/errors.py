@@ -42,7 +42,9 @@ def error_response(
 
 def param_from_loc(loc: tuple[Any, ...]) -> str | None:
     """``("body", "queries", 3, "custom_id")`` → ``"queries[3].custom_id"``."""
-    parts = [p for p in loc if p not in ("body", "query", "header", "path")]
+    # Only the first element says where the value came from; later ones are field names
+    # (a metadata key may well be called "path").
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "header", "path") else list(loc)
     out = ""
     for part in parts:
         if isinstance(part, int):

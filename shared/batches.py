@@ -9,6 +9,7 @@ queued rows are still the truth and reconciliation enqueues them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from shared.providers.config import Catalog
 from shared.queries import finalize_if_done
 from shared.settings import Settings, parse_window
 from workers.broker import enqueue_messages, query_message
+
+log = logging.getLogger("conclave.batches")
 
 METADATA_MAX_KEYS = 16
 METADATA_MAX_KEY = 64
@@ -221,6 +224,9 @@ def create_batch(
     try:
         enqueue_messages(broker, (query_message(qid, payload.priority) for qid in query_ids))
     except RedisError as exc:
+        log.warning(
+            "enqueue of batch %s failed (%s: %s); removing its rows", batch.id, type(exc).__name__, exc
+        )
         # Nothing half-stored: the client is told to retry, and the rows go away.
         with sessions.begin() as session:
             session.execute(delete(QUERIES).where(col(Query.batch_id) == batch.id))

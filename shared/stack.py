@@ -88,6 +88,8 @@ def ensure_redis(url: str) -> EmbeddedRedis:
     from fakeredis import TcpFakeServer
 
     server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    # Connection handler threads must not keep the process alive after shutdown.
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
     thread.start()
     port = server.server_address[1]

@@ -8,6 +8,7 @@ before low).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import dramatiq
@@ -15,6 +16,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
 from dramatiq.message import Message
 from dramatiq.middleware import AsyncIO, CurrentMessage, ShutdownNotifications, TimeLimit
+from redis.exceptions import RedisError
 
 from shared.settings import PRIORITIES, Priority
 
@@ -39,6 +41,12 @@ def make_broker(redis_url: str, namespace: str = "conclave") -> RedisBroker:
         AsyncIO(),
     ]
     broker = RedisBroker(url=redis_url, namespace=namespace, middleware=middleware)
+    # Load the broker's Lua scripts up front: a first EVALSHA would otherwise answer NOSCRIPT,
+    # and the embedded fakeredis server closes the connection on any error reply.
+    # When Redis is down at start-up they load on first use instead.
+    with contextlib.suppress(RedisError):
+        for script in broker.scripts.values():
+            script.sha = broker.client.script_load(script.script)
     for priority in PRIORITIES:
         broker.declare_queue(priority)
     return broker

@@ -63,10 +63,11 @@ def complexity(text: str, turns: int) -> tuple[int, list[str]]:
 def route(messages: Sequence[dict[str, str]], members: Sequence[str], price: Callable[[str], float]) -> Route:
     text = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
     score, why = complexity(text, len(messages))
-    if score >= COMPLEX_THRESHOLD or len(members) == 1:
-        return Route(
-            "council", tuple(members), score, "complex: " + "; ".join(why) if why else "single member"
-        )
+    if len(members) == 1:
+        signals = f" (signals: {'; '.join(why)})" if why else ""
+        return Route("council", tuple(members), score, f"single member{signals}")
+    if score >= COMPLEX_THRESHOLD:
+        return Route("council", tuple(members), score, "complex: " + "; ".join(why))
     cheapest = min(members, key=lambda m: (price(m), members.index(m)))
     detail = "; ".join(why) if why else "short, plain question"
     return Route(

@@ -123,6 +123,9 @@ class Runner:
                 state.calls.append(_record(model, call.stage, attempt, started, error=exc))
                 if not exc.transient or state.retry_budget <= 0:
                     raise
+                if exc.retry_after is not None and exc.retry_after > MAX_HINT_WAIT_S:
+                    raise  # the provider is out for longer than a slot is worth holding: fall back
+
                 state.retry_budget -= 1
                 await asyncio.sleep(self._backoff(attempt, exc.retry_after))
                 continue

@@ -78,10 +78,17 @@ class Provider(ABC):
         except orjson.JSONDecodeError:
             body = None
         if not 200 <= response.status_code < 300:
-            raise self.map_error(response, body)
+            raise self._redacted(self.map_error(response, body))
         if body is None:
             raise errors.BadResponse("answer is not valid JSON", status=response.status_code)
         return self.parse(body)
+
+    def _redacted(self, error: errors.ProviderError) -> errors.ProviderError:
+        """Providers sometimes echo the rejected key in their message; it must go no further."""
+        if self._api_key and self._api_key in error.message:
+            error.message = error.message.replace(self._api_key, "[redacted]")
+            error.args = (error.message,)
+        return error
 
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:

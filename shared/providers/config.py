@@ -134,11 +134,16 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
     council = data.get("council") or {}
     members = tuple(council.get("members") or ())
     chairman = council.get("chairman") or (members[0] if members else "")
+    if not members:
+        raise ConfigError("council.members is required")
     catalog = Catalog(providers=providers, models=models, members=members, chairman=chairman)
-    for model_id in (*members, chairman, *(f for m in models.values() for f in m.fallbacks)):
+    checks = [(f"council.members[{i}]", m) for i, m in enumerate(members)]
+    checks.append(("council.chairman", chairman))
+    checks.extend(
+        (f'models."{m.id}".fallbacks[{i}]', f) for m in models.values() for i, f in enumerate(m.fallbacks)
+    )
+    for key, model_id in checks:
         problem = catalog.check_model(model_id)
         if problem:
-            raise ConfigError(f"council/fallbacks: {problem}")
-    if not members:
-        raise ConfigError("[council] members is required")
+            raise ConfigError(f"{key}: {problem}")
     return catalog

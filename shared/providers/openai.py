@@ -14,6 +14,13 @@ def _reset_seconds(value: str | None) -> float | None:
     """OpenAI's ``x-ratelimit-reset-*`` durations: ``1s``, ``6m0s``, ``20ms``, ``1h2m3.5s``."""
     if not value:
         return None
+    try:
+        return _parse_duration(value)
+    except ValueError:
+        return None  # a malformed hint is ignored, never an error of ours
+
+
+def _parse_duration(value: str) -> float | None:
     total, number = 0.0, ""
     i = 0
     while i < len(value):
