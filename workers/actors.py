@@ -17,6 +17,7 @@ from collections import OrderedDict
 from typing import Any
 
 import dramatiq
+import redis.asyncio as aioredis
 from dramatiq.asyncio import get_event_loop_thread
 
 from shared.db import make_engine, make_sessionmaker
@@ -49,6 +50,8 @@ class WorkerContext:
             make_client(),
             retry_budget=settings.query_retry_budget,
             min_answers=settings.min_answers,
+            redis_client=aioredis.Redis.from_url(settings.redis_url),
+            namespace=settings.queue_namespace,
         )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{broker.broker_id[:8]}"
         # A batch's council never changes once accepted, so it is read once per process.

@@ -1,9 +1,10 @@
 """Stages × providers: binds the pure council to real provider calls for one query.
 
-For each call the runner picks the provider from the model id, caps concurrency per provider
-in this process, retries transient errors with exponential backoff and full jitter within the
-query's retry budget (honouring the provider's wait hint), falls back along the model's
-``fallbacks``, and records every attempt as a ``CallRecord`` with its cost.
+For each call the runner picks the provider from the model id and goes through its guard
+(shared circuit breaker, shared rate limiter, per-process concurrency cap); it retries
+transient errors with exponential backoff and full jitter within the query's retry budget
+(honouring the provider's wait hint), falls back along the model's ``fallbacks``, and records
+every attempt as a ``CallRecord`` with its cost.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 
 from shared.providers import errors
 from shared.providers.base import ChatRequest, Provider
 from shared.providers.config import Catalog, split_model_id
+from shared.providers.guard import ProviderGuard
 from shared.queries import CallRecord
 from workers.council import CallRequest, CouncilResult, CouncilSpec, KnowledgeSnippet, QueryInput, run_council
 
@@ -46,6 +49,8 @@ class Runner:
         retry_budget: int = 6,
         min_answers: int = 2,
         rng: random.Random | None = None,
+        redis_client: aioredis.Redis | None = None,
+        namespace: str = "conclave",
     ):
         self.catalog = catalog
         self.providers = providers
@@ -53,7 +58,11 @@ class Runner:
         self.retry_budget = retry_budget
         self.min_answers = min_answers
         self._rng = rng or random.Random()
-        self._limits = {name: asyncio.Semaphore(p.config.max_concurrency) for name, p in providers.items()}
+        # Without Redis (unit tests) there is no shared breaker or rate limit, only the local cap.
+        self.guards = {
+            name: ProviderGuard(p, redis_client=redis_client, namespace=namespace)
+            for name, p in providers.items()
+        }
 
     def council_spec(self, council: dict[str, Any], mode: str | None = None) -> CouncilSpec:
         members = tuple(council["members"])
@@ -109,7 +118,7 @@ class Runner:
 
     async def _with_retries(self, state: QueryRun, model: str, call: CallRequest) -> str:
         provider_name, model_name = split_model_id(model)
-        provider = self.providers[provider_name]
+        guard = self.guards[provider_name]
         price = self.catalog.model(model)
         request = ChatRequest(model_name, call.messages, call.max_tokens, call.temperature)
         attempt = 0
@@ -117,11 +126,12 @@ class Runner:
             attempt += 1
             started = time.perf_counter()
             try:
-                async with self._limits[provider_name]:
-                    result = await provider.complete(self.client, request)
+                result = await guard.call(self.client, request)
             except errors.ProviderError as exc:
                 state.calls.append(_record(model, call.stage, attempt, started, error=exc))
-                if not exc.transient or state.retry_budget <= 0:
+                # An open circuit is not retried here: the next model in the chain (or the
+                # council's own degradation) answers instead of a slot waiting out a cooldown.
+                if not exc.transient or state.retry_budget <= 0 or isinstance(exc, errors.CircuitOpen):
                     raise
                 if exc.retry_after is not None and exc.retry_after > MAX_HINT_WAIT_S:
                     raise  # the provider is out for longer than a slot is worth holding: fall back

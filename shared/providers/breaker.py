@@ -1,0 +1,197 @@
+"""Circuit breaker per provider, shared by every worker process and machine through Redis.
+
+States (SPEC §5.2): ``closed`` (calls flow), ``open`` (calls refused with ``CircuitOpen`` until
+the cooldown passes), ``half_open`` (one probe at a time, cluster-wide; its success closes the
+circuit, its failure re-opens it with a longer cooldown).
+
+Cost on the hot path: a failure is reported to Redis at once (failures are what must spread
+fast); successes are counted locally and flushed at most once a second; each process re-reads
+the shared state at most every ``refresh_s``, so a circuit opened anywhere is seen everywhere
+within that time (well under a second) without a Redis round trip per call.
+
+Only failures that say the provider is unhealthy count (server, overloaded, timeout, network,
+bad_response, auth); a rejected request or a rate limit says nothing about its health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("conclave.breaker")
+
+HEALTH_FAILURES = frozenset({"server", "overloaded", "timeout", "network", "bad_response", "auth"})
+
+# KEYS[1] = breaker hash. ARGV: now_ms, failures, successes, window_ms, threshold, min_calls,
+# ratio, cooldown_ms, probe (1 = this report is a half-open probe's outcome).
+# Returns {state, opened_at_ms, cooldown_ms}.
+_REPORT = """
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local failures = tonumber(ARGV[2])
+local successes = tonumber(ARGV[3])
+local window = tonumber(ARGV[4])
+local threshold = tonumber(ARGV[5])
+local min_calls = tonumber(ARGV[6])
+local ratio = tonumber(ARGV[7])
+local base_cooldown = tonumber(ARGV[8])
+local probe = tonumber(ARGV[9])
+
+local h = redis.call('hmget', key, 'state', 'opened_at', 'cooldown', 'window_start', 'fails', 'calls',
+                    'consecutive')
+local state = h[1] or 'closed'
+local opened_at = tonumber(h[2]) or 0
+local cooldown = tonumber(h[3]) or base_cooldown
+local window_start = tonumber(h[4]) or now
+local fails = tonumber(h[5]) or 0
+local calls = tonumber(h[6]) or 0
+local consecutive = tonumber(h[7]) or 0
+
+if now - window_start > window then
+  window_start = now; fails = 0; calls = 0
+end
+fails = fails + failures
+calls = calls + failures + successes
+if successes > 0 and failures == 0 then consecutive = 0 else consecutive = consecutive + failures end
+
+if probe == 1 then
+  if failures > 0 then
+    state = 'open'; opened_at = now; cooldown = math.min(cooldown * 2, base_cooldown * 16)
+  else
+    state = 'closed'; cooldown = base_cooldown; fails = 0; calls = 0; consecutive = 0; window_start = now
+  end
+elseif state == 'closed' then
+  if consecutive >= threshold or (calls >= min_calls and fails / calls >= ratio) then
+    state = 'open'; opened_at = now; cooldown = base_cooldown
+  end
+end
+
+redis.call('hset', key, 'state', state, 'opened_at', opened_at, 'cooldown', cooldown,
+           'window_start', window_start, 'fails', fails, 'calls', calls, 'consecutive', consecutive)
+redis.call('pexpire', key, 86400000)
+return {state, tostring(opened_at), tostring(cooldown)}
+"""
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    failure_threshold: int = 5  # consecutive health failures that open the circuit
+    failure_ratio: float = 0.5  # ... or this share of calls in the window
+    min_calls: int = 20  # calls in the window before the ratio counts
+    window_s: float = 30.0
+    cooldown_s: float = 15.0  # open → half-open; doubles on each failed probe, up to 16×
+    refresh_s: float = 0.25  # how stale a process's view of the shared state may be
+    probe_timeout_s: float = 60.0
+
+
+@dataclass
+class _View:
+    state: str = "closed"
+    opened_at_ms: float = 0.0
+    cooldown_ms: float = 0.0
+    read_at: float = 0.0
+
+
+class CircuitBreaker:
+    """One provider's breaker as seen from one process."""
+
+    def __init__(self, client: aioredis.Redis, key: str, config: BreakerConfig):
+        self.client = client
+        self.key = key
+        self.config = config
+        self._report = client.register_script(_REPORT)
+        self._view = _View()
+        self._pending_ok = 0
+        self._last_flush = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def state(self) -> tuple[str, float]:
+        """(state, seconds until a probe may run) from a view at most ``refresh_s`` old."""
+        now = time.monotonic()
+        if now - self._view.read_at > self.config.refresh_s:
+            await self._refresh(now)
+        view = self._view
+        if view.state == "open":
+            remaining = (view.opened_at_ms + view.cooldown_ms) / 1000 - time.time()
+            return ("half_open", 0.0) if remaining <= 0 else ("open", remaining)
+        return view.state, 0.0
+
+    async def acquire(self) -> tuple[bool, bool, float]:
+        """May a call go now? Returns (allowed, is_probe, retry_after_s)."""
+        state, remaining = await self.state()
+        if state == "closed":
+            return True, False, 0.0
+        if state == "open":
+            return False, False, remaining
+        try:
+            won = await self.client.set(
+                f"{self.key}:probe", "1", nx=True, px=int(self.config.probe_timeout_s * 1000)
+            )
+        except RedisError:
+            return True, False, 0.0  # without Redis, fail open: the breaker must not stop all work
+        return (True, True, 0.0) if won else (False, False, 1.0)
+
+    async def record(self, ok: bool, category: str | None, probe: bool = False) -> None:
+        if probe:
+            await self._send(failures=0 if ok else 1, successes=1 if ok else 0, probe=True)
+            await self._clear_probe()
+            return
+        if ok or category not in HEALTH_FAILURES:
+            self._pending_ok += 1 if ok else 0
+            if time.monotonic() - self._last_flush >= 1.0:
+                await self._flush()
+            return
+        pending, self._pending_ok = self._pending_ok, 0
+        await self._send(failures=1, successes=pending, probe=False)
+
+    async def _flush(self) -> None:
+        pending, self._pending_ok = self._pending_ok, 0
+        self._last_flush = time.monotonic()
+        if pending:
+            await self._send(failures=0, successes=pending, probe=False)
+
+    async def _send(self, *, failures: int, successes: int, probe: bool) -> None:
+        c = self.config
+        args = [
+            int(time.time() * 1000),
+            failures,
+            successes,
+            int(c.window_s * 1000),
+            c.failure_threshold,
+            c.min_calls,
+            c.failure_ratio,
+            int(c.cooldown_s * 1000),
+            1 if probe else 0,
+        ]
+        try:
+            state, opened_at, cooldown = await self._report(keys=[self.key], args=args)
+        except RedisError as exc:
+            log.warning("breaker %s: Redis unavailable (%s)", self.key, type(exc).__name__)
+            return
+        state = state.decode() if isinstance(state, bytes) else state
+        if state != self._view.state:
+            log.warning("circuit %s is now %s", self.key, state)
+        self._view = _View(state, float(opened_at), float(cooldown), time.monotonic())
+
+    async def _refresh(self, now: float) -> None:
+        try:
+            state, opened_at, cooldown = await self.client.hmget(self.key, ["state", "opened_at", "cooldown"])
+        except RedisError:
+            self._view.read_at = now
+            return
+        self._view = _View(
+            state.decode() if isinstance(state, bytes) else (state or "closed"),
+            float(opened_at or 0),
+            float(cooldown or 0),
+            now,
+        )
+
+    async def _clear_probe(self) -> None:
+        with contextlib.suppress(RedisError):
+            await self.client.delete(f"{self.key}:probe")
