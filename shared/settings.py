@@ -47,7 +47,9 @@ class Settings(BaseSettings):
     queue_namespace: str = "conclave"
     # How long a worker holds a query before someone else may take it over (reconciliation).
     query_lease_seconds: int = Field(default=900, ge=10)
-    query_retry_budget: int = Field(default=6, ge=0)
+    # Retries of transient provider errors: per query (all calls together) and per call.
+    query_retry_budget: int = Field(default=16, ge=0)
+    call_max_attempts: int = Field(default=5, ge=1)
     min_answers: int = Field(default=2, ge=1)
 
     environment: Literal["development", "production", "test"] = "development"

@@ -49,6 +49,7 @@ class WorkerContext:
             build_providers(self.catalog),
             make_client(),
             retry_budget=settings.query_retry_budget,
+            max_attempts=settings.call_max_attempts,
             min_answers=settings.min_answers,
             redis_client=aioredis.Redis.from_url(settings.redis_url),
             namespace=settings.queue_namespace,

@@ -46,7 +46,8 @@ class Runner:
         providers: dict[str, Provider],
         client: httpx.AsyncClient,
         *,
-        retry_budget: int = 6,
+        retry_budget: int = 16,
+        max_attempts: int = 5,
         min_answers: int = 2,
         rng: random.Random | None = None,
         redis_client: aioredis.Redis | None = None,
@@ -56,6 +57,7 @@ class Runner:
         self.providers = providers
         self.client = client
         self.retry_budget = retry_budget
+        self.max_attempts = max_attempts
         self.min_answers = min_answers
         self._rng = rng or random.Random()
         # Without Redis (unit tests) there is no shared breaker or rate limit, only the local cap.
@@ -131,7 +133,12 @@ class Runner:
                 state.calls.append(_record(model, call.stage, attempt, started, error=exc))
                 # An open circuit is not retried here: the next model in the chain (or the
                 # council's own degradation) answers instead of a slot waiting out a cooldown.
-                if not exc.transient or state.retry_budget <= 0 or isinstance(exc, errors.CircuitOpen):
+                if (
+                    not exc.transient
+                    or state.retry_budget <= 0
+                    or attempt >= self.max_attempts
+                    or isinstance(exc, errors.CircuitOpen)
+                ):
                     raise
                 if exc.retry_after is not None and exc.retry_after > MAX_HINT_WAIT_S:
                     raise  # the provider is out for longer than a slot is worth holding: fall back

@@ -30,7 +30,7 @@ HEALTH_FAILURES = frozenset({"server", "overloaded", "timeout", "network", "bad_
 
 # KEYS[1] = breaker hash. ARGV: now_ms, failures, successes, window_ms, threshold, min_calls,
 # ratio, cooldown_ms, probe (1 = this report is a half-open probe's outcome).
-# Returns {state, opened_at_ms, cooldown_ms}.
+# Returns {state, opened_at_ms, cooldown_ms, consecutive}.
 _REPORT = """
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
@@ -75,15 +75,17 @@ end
 redis.call('hset', key, 'state', state, 'opened_at', opened_at, 'cooldown', cooldown,
            'window_start', window_start, 'fails', fails, 'calls', calls, 'consecutive', consecutive)
 redis.call('pexpire', key, 86400000)
-return {state, tostring(opened_at), tostring(cooldown)}
+return {state, tostring(opened_at), tostring(cooldown), tostring(consecutive)}
 """
 
 
 @dataclass(frozen=True)
 class BreakerConfig:
-    failure_threshold: int = 5  # consecutive health failures that open the circuit
-    failure_ratio: float = 0.5  # ... or this share of calls in the window
-    min_calls: int = 20  # calls in the window before the ratio counts
+    # Tuned so that a noisy but working provider (a quarter of calls failing) stays closed while
+    # one that is down (every call failing) opens within its first handful of calls.
+    failure_threshold: int = 10  # consecutive health failures that open the circuit
+    failure_ratio: float = 0.6  # ... or this share of calls in the window
+    min_calls: int = 30  # calls in the window before the ratio counts
     window_s: float = 30.0
     cooldown_s: float = 15.0  # open → half-open; doubles on each failed probe, up to 16×
     refresh_s: float = 0.25  # how stale a process's view of the shared state may be
@@ -96,6 +98,7 @@ class _View:
     opened_at_ms: float = 0.0
     cooldown_ms: float = 0.0
     read_at: float = 0.0
+    consecutive: int = 0
 
 
 class CircuitBreaker:
@@ -144,7 +147,9 @@ class CircuitBreaker:
             return
         if ok or category not in HEALTH_FAILURES:
             self._pending_ok += 1 if ok else 0
-            if time.monotonic() - self._last_flush >= 1.0:
+            # While a failure streak is building, a success must break it at once; otherwise
+            # successes travel in one report a second.
+            if (ok and self._view.consecutive > 0) or time.monotonic() - self._last_flush >= 1.0:
                 await self._flush()
             return
         pending, self._pending_ok = self._pending_ok, 0
@@ -170,18 +175,22 @@ class CircuitBreaker:
             1 if probe else 0,
         ]
         try:
-            state, opened_at, cooldown = await self._report(keys=[self.key], args=args)
+            state, opened_at, cooldown, consecutive = await self._report(keys=[self.key], args=args)
         except RedisError as exc:
             log.warning("breaker %s: Redis unavailable (%s)", self.key, type(exc).__name__)
             return
         state = state.decode() if isinstance(state, bytes) else state
         if state != self._view.state:
             log.warning("circuit %s is now %s", self.key, state)
-        self._view = _View(state, float(opened_at), float(cooldown), time.monotonic())
+        self._view = _View(
+            state, float(opened_at), float(cooldown), time.monotonic(), int(float(consecutive))
+        )
 
     async def _refresh(self, now: float) -> None:
         try:
-            state, opened_at, cooldown = await self.client.hmget(self.key, ["state", "opened_at", "cooldown"])
+            state, opened_at, cooldown, consecutive = await self.client.hmget(
+                self.key, ["state", "opened_at", "cooldown", "consecutive"]
+            )
         except RedisError:
             self._view.read_at = now
             return
@@ -190,6 +199,7 @@ class CircuitBreaker:
             float(opened_at or 0),
             float(cooldown or 0),
             now,
+            int(float(consecutive or 0)),
         )
 
     async def _clear_probe(self) -> None:
