@@ -51,7 +51,12 @@ class WorkerContext:
             retry_budget=settings.query_retry_budget,
             max_attempts=settings.call_max_attempts,
             min_answers=settings.min_answers,
-            redis_client=aioredis.Redis.from_url(settings.redis_url),
+            redis_client=aioredis.Redis(
+                # Many calls report to the breaker at once: wait for a connection, never fail for want of one.
+                connection_pool=aioredis.BlockingConnectionPool.from_url(
+                    settings.redis_url, max_connections=64, timeout=10
+                )
+            ),
             namespace=settings.queue_namespace,
         )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{broker.broker_id[:8]}"

@@ -2,12 +2,19 @@
 
 States (SPEC §5.2): ``closed`` (calls flow), ``open`` (calls refused with ``CircuitOpen`` until
 the cooldown passes), ``half_open`` (one probe at a time, cluster-wide; its success closes the
-circuit, its failure re-opens it with a longer cooldown).
+circuit, its failure re-opens it with a doubled cooldown).
 
-Cost on the hot path: a failure is reported to Redis at once (failures are what must spread
-fast); successes are counted locally and flushed at most once a second; each process re-reads
-the shared state at most every ``refresh_s``, so a circuit opened anywhere is seen everywhere
-within that time (well under a second) without a Redis round trip per call.
+The circuit opens when, over a sliding window, at least ``min_failures`` health failures were
+seen and they are at least ``failure_ratio`` of the calls. There is deliberately no
+"N consecutive failures" rule: with hundreds of calls in flight, completion order says
+nothing (a burst of timeouts from calls started together arrives back to back even from a
+provider that answers 95% of calls), while a provider that is really down fails nearly every
+call and trips the ratio within its first ``min_failures`` calls.
+
+Cost on the hot path: a failure is reported to Redis at once (failures must spread fast) with
+the successes counted since the last report; other successes are flushed at most once a
+second; each process re-reads the shared state at most every ``refresh_s``, so a circuit opened
+anywhere is seen everywhere within that time, without a Redis round trip per call.
 
 Only failures that say the provider is unhealthy count (server, overloaded, timeout, network,
 bad_response, auth); a rejected request or a rate limit says nothing about its health.
@@ -28,67 +35,72 @@ log = logging.getLogger("conclave.breaker")
 
 HEALTH_FAILURES = frozenset({"server", "overloaded", "timeout", "network", "bad_response", "auth"})
 
-# KEYS[1] = breaker hash. ARGV: now_ms, failures, successes, window_ms, threshold, min_calls,
-# ratio, cooldown_ms, probe (1 = this report is a half-open probe's outcome).
-# Returns {state, opened_at_ms, cooldown_ms, consecutive}.
+# KEYS[1] = breaker hash. ARGV: now_ms, failures, successes, window_ms, min_failures, ratio,
+# cooldown_ms, probe (1 = a half-open probe's outcome). Returns {state, opened_at_ms, cooldown_ms}.
+# The window is a sliding-window counter: the previous window's counts, weighted by how much
+# of it still overlaps, plus the current window's.
 _REPORT = """
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
 local failures = tonumber(ARGV[2])
 local successes = tonumber(ARGV[3])
 local window = tonumber(ARGV[4])
-local threshold = tonumber(ARGV[5])
-local min_calls = tonumber(ARGV[6])
-local ratio = tonumber(ARGV[7])
-local base_cooldown = tonumber(ARGV[8])
-local probe = tonumber(ARGV[9])
+local min_failures = tonumber(ARGV[5])
+local ratio = tonumber(ARGV[6])
+local base_cooldown = tonumber(ARGV[7])
+local probe = tonumber(ARGV[8])
 
-local h = redis.call('hmget', key, 'state', 'opened_at', 'cooldown', 'window_start', 'fails', 'calls',
-                    'consecutive')
+local h = redis.call('hmget', key, 'state', 'opened_at', 'cooldown', 'start', 'fails', 'calls',
+                    'prev_fails', 'prev_calls')
 local state = h[1] or 'closed'
 local opened_at = tonumber(h[2]) or 0
 local cooldown = tonumber(h[3]) or base_cooldown
-local window_start = tonumber(h[4]) or now
+local start = tonumber(h[4]) or now
 local fails = tonumber(h[5]) or 0
 local calls = tonumber(h[6]) or 0
-local consecutive = tonumber(h[7]) or 0
+local prev_fails = tonumber(h[7]) or 0
+local prev_calls = tonumber(h[8]) or 0
 
-if now - window_start > window then
-  window_start = now; fails = 0; calls = 0
+local elapsed = now - start
+if elapsed >= 2 * window then
+  prev_fails = 0; prev_calls = 0; fails = 0; calls = 0; start = now; elapsed = 0
+elseif elapsed >= window then
+  prev_fails = fails; prev_calls = calls; fails = 0; calls = 0; start = start + window; elapsed = now - start
 end
 fails = fails + failures
 calls = calls + failures + successes
-if successes > 0 and failures == 0 then consecutive = 0 else consecutive = consecutive + failures end
 
 if probe == 1 then
   if failures > 0 then
     state = 'open'; opened_at = now; cooldown = math.min(cooldown * 2, base_cooldown * 16)
   else
-    state = 'closed'; cooldown = base_cooldown; fails = 0; calls = 0; consecutive = 0; window_start = now
+    state = 'closed'; cooldown = base_cooldown
+    fails = 0; calls = 0; prev_fails = 0; prev_calls = 0; start = now
   end
 elseif state == 'closed' then
-  if consecutive >= threshold or (calls >= min_calls and fails / calls >= ratio) then
+  local weight = 1 - elapsed / window
+  local eff_fails = fails + prev_fails * weight
+  local eff_calls = calls + prev_calls * weight
+  if eff_fails >= min_failures and eff_fails >= ratio * eff_calls then
     state = 'open'; opened_at = now; cooldown = base_cooldown
   end
 end
 
-redis.call('hset', key, 'state', state, 'opened_at', opened_at, 'cooldown', cooldown,
-           'window_start', window_start, 'fails', fails, 'calls', calls, 'consecutive', consecutive)
+redis.call('hset', key, 'state', state, 'opened_at', opened_at, 'cooldown', cooldown, 'start', start,
+           'fails', fails, 'calls', calls, 'prev_fails', prev_fails, 'prev_calls', prev_calls)
 redis.call('pexpire', key, 86400000)
-return {state, tostring(opened_at), tostring(cooldown), tostring(consecutive)}
+return {state, tostring(opened_at), tostring(cooldown)}
 """
 
 
 @dataclass(frozen=True)
 class BreakerConfig:
-    # Tuned so that a noisy but working provider (a quarter of calls failing) stays closed while
-    # one that is down (every call failing) opens within its first handful of calls.
-    failure_threshold: int = 10  # consecutive health failures that open the circuit
-    failure_ratio: float = 0.6  # ... or this share of calls in the window
-    min_calls: int = 30  # calls in the window before the ratio counts
-    window_s: float = 30.0
+    min_failures: int = 10  # health failures in the window before the circuit may open
+    failure_ratio: float = 0.5  # ... and their share of the window's calls
+    window_s: float = 10.0
     cooldown_s: float = 15.0  # open → half-open; doubles on each failed probe, up to 16×
     refresh_s: float = 0.25  # how stale a process's view of the shared state may be
+    flush_s: float = 1.0  # how long successes may wait to be counted
     probe_timeout_s: float = 60.0
 
 
@@ -98,7 +110,6 @@ class _View:
     opened_at_ms: float = 0.0
     cooldown_ms: float = 0.0
     read_at: float = 0.0
-    consecutive: int = 0
 
 
 class CircuitBreaker:
@@ -112,7 +123,7 @@ class CircuitBreaker:
         self._view = _View()
         self._pending_ok = 0
         self._last_flush = time.monotonic()
-        self._lock = asyncio.Lock()
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def state(self) -> tuple[str, float]:
         """(state, seconds until a probe may run) from a view at most ``refresh_s`` old."""
@@ -143,19 +154,18 @@ class CircuitBreaker:
     async def record(self, ok: bool, category: str | None, probe: bool = False) -> None:
         if probe:
             await self._send(failures=0 if ok else 1, successes=1 if ok else 0, probe=True)
-            await self._clear_probe()
+            with contextlib.suppress(RedisError):
+                await self.client.delete(f"{self.key}:probe")
             return
         if ok or category not in HEALTH_FAILURES:
             self._pending_ok += 1 if ok else 0
-            # While a failure streak is building, a success must break it at once; otherwise
-            # successes travel in one report a second.
-            if (ok and self._view.consecutive > 0) or time.monotonic() - self._last_flush >= 1.0:
-                await self._flush()
+            if time.monotonic() - self._last_flush >= self.config.flush_s:
+                await self.flush()
             return
         pending, self._pending_ok = self._pending_ok, 0
         await self._send(failures=1, successes=pending, probe=False)
 
-    async def _flush(self) -> None:
+    async def flush(self) -> None:
         pending, self._pending_ok = self._pending_ok, 0
         self._last_flush = time.monotonic()
         if pending:
@@ -168,29 +178,25 @@ class CircuitBreaker:
             failures,
             successes,
             int(c.window_s * 1000),
-            c.failure_threshold,
-            c.min_calls,
+            c.min_failures,
             c.failure_ratio,
             int(c.cooldown_s * 1000),
             1 if probe else 0,
         ]
         try:
-            state, opened_at, cooldown, consecutive = await self._report(keys=[self.key], args=args)
+            state, opened_at, cooldown = await self._report(keys=[self.key], args=args)
         except RedisError as exc:
+            # Counts are lost, not calls: the breaker degrades to "closed", never to "stop all work".
             log.warning("breaker %s: Redis unavailable (%s)", self.key, type(exc).__name__)
             return
-        state = state.decode() if isinstance(state, bytes) else state
+        state = state.decode() if isinstance(state, bytes) else str(state)
         if state != self._view.state:
             log.warning("circuit %s is now %s", self.key, state)
-        self._view = _View(
-            state, float(opened_at), float(cooldown), time.monotonic(), int(float(consecutive))
-        )
+        self._view = _View(state, float(opened_at), float(cooldown), time.monotonic())
 
     async def _refresh(self, now: float) -> None:
         try:
-            state, opened_at, cooldown, consecutive = await self.client.hmget(
-                self.key, ["state", "opened_at", "cooldown", "consecutive"]
-            )
+            state, opened_at, cooldown = await self.client.hmget(self.key, ["state", "opened_at", "cooldown"])
         except RedisError:
             self._view.read_at = now
             return
@@ -199,9 +205,4 @@ class CircuitBreaker:
             float(opened_at or 0),
             float(cooldown or 0),
             now,
-            int(float(consecutive or 0)),
         )
-
-    async def _clear_probe(self) -> None:
-        with contextlib.suppress(RedisError):
-            await self.client.delete(f"{self.key}:probe")

@@ -29,7 +29,7 @@ class ProviderConfig:
     max_concurrency: int = 64
     rpm: int | None = None
     tpm: int | None = None
-    breaker_failures: int = 5
+    breaker_failures: int = 10
     breaker_cooldown_s: float = 15.0
 
 
@@ -122,7 +122,7 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
             max_concurrency=int(table.get("max_concurrency", 64)),
             rpm=table.get("rpm"),
             tpm=table.get("tpm"),
-            breaker_failures=int(table.get("breaker_failures", 5)),
+            breaker_failures=int(table.get("breaker_failures", 10)),
             breaker_cooldown_s=float(table.get("breaker_cooldown_s", 15)),
         )
     if not providers:

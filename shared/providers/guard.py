@@ -37,7 +37,7 @@ class ProviderGuard:
                 redis_client,
                 f"{namespace}:breaker:{cfg.name}",
                 breaker
-                or BreakerConfig(failure_threshold=cfg.breaker_failures, cooldown_s=cfg.breaker_cooldown_s),
+                or BreakerConfig(min_failures=cfg.breaker_failures, cooldown_s=cfg.breaker_cooldown_s),
             )
             limiter = RateLimiter(redis_client, f"{namespace}:ratelimit:{cfg.name}", rpm=cfg.rpm, tpm=cfg.tpm)
             self.limiter = limiter if limiter.active else None

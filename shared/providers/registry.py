@@ -10,9 +10,15 @@ import os
 
 from shared.providers.base import Provider
 from shared.providers.config import Catalog, ProviderConfig
+from shared.providers.anthropic import AnthropicProvider
+from shared.providers.gemini import GeminiProvider
 from shared.providers.openai import OpenAIProvider
 
-_WIRE_FORMATS: dict[str, type[Provider]] = {"openai": OpenAIProvider}
+_WIRE_FORMATS: dict[str, type[Provider]] = {
+    "openai": OpenAIProvider,
+    "anthropic": AnthropicProvider,
+    "gemini": GeminiProvider,
+}
 
 
 def build_provider(config: ProviderConfig) -> Provider:

@@ -10,7 +10,9 @@ import fakeredis
 
 from shared.providers.breaker import BreakerConfig, CircuitBreaker
 
-FAST = BreakerConfig(failure_threshold=3, failure_ratio=0.5, min_calls=10, cooldown_s=0.2, refresh_s=0.0)
+FAST = BreakerConfig(
+    min_failures=3, failure_ratio=0.5, window_s=10, cooldown_s=0.2, refresh_s=0.0, flush_s=0.0
+)
 
 
 def pair(config: BreakerConfig = FAST) -> tuple[CircuitBreaker, CircuitBreaker]:
@@ -27,15 +29,29 @@ async def until_half_open(breaker: CircuitBreaker, timeout: float = 3.0) -> None
         await asyncio.sleep(0.02)
 
 
-def test_consecutive_health_failures_open_the_circuit_for_every_process() -> None:
+def test_a_dead_provider_opens_the_circuit_for_every_process_after_min_failures() -> None:
     async def scenario() -> None:
         a, b = pair()
         for _ in range(2):
-            await a.record(False, "server")
+            await a.record(False, "network")
         assert (await b.acquire())[0] is True
-        await a.record(False, "timeout")
-        allowed, probe, wait = await b.acquire()
+        await b.record(False, "network")
+        allowed, probe, wait = await a.acquire()
         assert allowed is False and probe is False and 0 < wait <= 0.2
+
+    asyncio.run(scenario())
+
+
+def test_a_noisy_provider_stays_closed_even_with_bursts_of_failures() -> None:
+    async def scenario() -> None:
+        a, b = pair(BreakerConfig(min_failures=5, failure_ratio=0.5, refresh_s=0.0, flush_s=0.0))
+        # 30% failures, with the failures arriving in bursts of five (timeouts of calls started together).
+        for _ in range(10):
+            for _ in range(12):
+                await a.record(True, None)
+            for _ in range(5):
+                await b.record(False, "timeout")
+        assert (await a.state())[0] == "closed"
 
     asyncio.run(scenario())
 
@@ -43,21 +59,21 @@ def test_consecutive_health_failures_open_the_circuit_for_every_process() -> Non
 def test_request_errors_and_rate_limits_do_not_count() -> None:
     async def scenario() -> None:
         a, b = pair()
-        for category in ["invalid_request", "rate_limited", "content_filter"] * 3:
+        for category in ["invalid_request", "rate_limited", "content_filter"] * 5:
             await a.record(False, category)
         assert (await b.state())[0] == "closed"
 
     asyncio.run(scenario())
 
 
-def test_failure_ratio_opens_even_without_a_long_streak() -> None:
+def test_successes_reported_with_a_failure_count_against_the_ratio() -> None:
     async def scenario() -> None:
-        a, _ = pair(BreakerConfig(failure_threshold=100, failure_ratio=0.5, min_calls=10, refresh_s=0.0))
-        for _ in range(6):
-            await a.record(False, "server")
-            await a.record(True, None)
-            a._last_flush = 0  # flush each success now instead of once a second
-        assert (await a.state())[0] == "open"
+        a, _ = pair(BreakerConfig(min_failures=3, failure_ratio=0.5, refresh_s=0.0, flush_s=3600))
+        for _ in range(20):
+            await a.record(True, None)  # held locally (flush_s is long) ...
+        for _ in range(4):
+            await a.record(False, "server")  # ... and sent with the first failure
+        assert (await a.state())[0] == "closed"
 
     asyncio.run(scenario())
 
@@ -74,6 +90,9 @@ def test_half_open_allows_one_probe_cluster_wide_and_success_closes() -> None:
         await a.record(True, None, probe=True)
         assert (await b.state())[0] == "closed"
         assert (await b.acquire())[0] is True
+        # Closing forgets the failures that opened it.
+        await b.record(False, "network")
+        assert (await a.state())[0] == "closed"
 
     asyncio.run(scenario())
 
@@ -93,15 +112,15 @@ def test_failed_probe_reopens_with_a_longer_cooldown() -> None:
     asyncio.run(scenario())
 
 
-def test_a_success_resets_the_streak() -> None:
+def test_without_redis_calls_still_flow() -> None:
     async def scenario() -> None:
-        a, b = pair()
-        await a.record(False, "server")
-        await a.record(False, "server")
-        await b.state()  # b learns of the streak ...
-        await b.record(True, None)  # ... so its next success is reported at once and breaks it
-        await a.record(False, "server")
-        await a.record(False, "server")
-        assert (await b.state())[0] == "closed"
+        import redis.asyncio as aioredis
+
+        down = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+        breaker = CircuitBreaker(down, "ns:breaker:p", FAST)
+        for _ in range(5):
+            await breaker.record(False, "server")
+        assert (await breaker.acquire())[0] is True
+        await down.aclose()
 
     asyncio.run(scenario())

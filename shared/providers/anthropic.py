@@ -1,0 +1,166 @@
+"""The ``anthropic`` wire format: ``POST {base_url}/v1/messages`` (the Anthropic Messages API).
+
+Owns turning a chat into a Messages request (system prompt at the top level, strictly alternating
+turns, the required ``max_tokens``), reading the text blocks and usage of an answer, and mapping
+Anthropic's typed errors and rate-limit headers into the taxonomy. Retries, breakers and rate
+limits are layered above it (``base.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from shared.providers import errors
+from shared.providers.base import (
+    ChatRequest,
+    ChatResult,
+    Message,
+    Provider,
+    retry_after_seconds,
+    status_error,
+)
+
+API_VERSION = "2023-06-01"
+# The Messages API refuses a request without max_tokens; council answers are a few paragraphs.
+DEFAULT_MAX_TOKENS = 1024
+
+# ``error.type`` says more than the status (a 429 may be a spend cap, a 400 a gateway's 4xx).
+_ERROR_TYPES: dict[str, type[errors.ProviderError]] = {
+    "invalid_request_error": errors.InvalidRequest,
+    "authentication_error": errors.AuthError,
+    "permission_error": errors.AuthError,
+    "billing_error": errors.AuthError,
+    "not_found_error": errors.InvalidRequest,
+    "request_too_large": errors.InvalidRequest,
+    "rate_limit_error": errors.RateLimited,
+    "api_error": errors.ServerError,
+    "timeout_error": errors.Timeout,
+    "overloaded_error": errors.Overloaded,
+}
+_RATELIMIT_PREFIX = "anthropic-ratelimit-"
+
+
+class AnthropicProvider(Provider):
+    def build(self, request: ChatRequest) -> tuple[str, dict[str, str], dict[str, Any]]:
+        system, turns = _conversation(request.messages)
+        if not turns or turns[0][0] != "user":
+            # Anthropic answers this with a 400 after a round trip; it can be known here.
+            raise errors.InvalidRequest("the Messages API needs a user message before any assistant one")
+        body: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens if request.max_tokens is not None else DEFAULT_MAX_TOKENS,
+            "messages": [{"role": role, "content": text} for role, text in turns],
+        }
+        if system:
+            body["system"] = system
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        headers = {"content-type": "application/json", "anthropic-version": API_VERSION}
+        if self._api_key:
+            headers["x-api-key"] = self._api_key
+        return f"{self.config.base_url}/v1/messages", headers, body
+
+    def parse(self, body: Any) -> ChatResult:
+        content = body.get("content") if isinstance(body, dict) else None
+        if not isinstance(content, list):
+            raise errors.BadResponse("answer has no content[]")
+        # Checked before the text: a refusal may come with the start of an answer it cut off.
+        if body.get("stop_reason") == "refusal":
+            raise errors.ContentFiltered("the provider refused to answer (stop_reason: refusal)")
+        text = "".join(
+            block["text"]
+            for block in content
+            if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str)
+        )
+        if not text.strip():
+            raise errors.BadResponse("answer has no text")
+        usage = body.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        return ChatResult(
+            text=text,
+            input_tokens=_count(usage.get("input_tokens")),
+            output_tokens=_count(usage.get("output_tokens")),
+        )
+
+    def map_error(self, response: httpx.Response, body: Any) -> errors.ProviderError:
+        status = response.status_code
+        detail = body.get("error") if isinstance(body, dict) else None
+        detail = detail if isinstance(detail, dict) else {}
+        kind = detail.get("type") if isinstance(detail.get("type"), str) else None
+        message = detail.get("message")
+        text = (
+            f"HTTP {status}" + (f" {kind}" if kind else "") + (f": {str(message)[:300]}" if message else "")
+        )
+        hint = retry_after_seconds(response.headers)
+        if hint is None and (status == 429 or kind == "rate_limit_error"):
+            hint = ratelimit_reset_wait(response.headers, time.time())
+        details = detail.get("details")
+        if isinstance(details, dict) and details.get("error_code") == "enforced_spend_limit_reached":
+            # A 429 "rate_limit_error" that lasts until next month's spend cap: retrying cannot help.
+            return errors.AuthError(text, status=status)
+        cls = _ERROR_TYPES.get(kind) if kind else None
+        if cls is None:
+            # No Anthropic body: a Cloudflare page (413), a proxy, or an empty 5xx.
+            return status_error(status, text, hint)
+        return cls(text, retry_after=hint if cls.transient else None, status=status)
+
+
+def ratelimit_reset_wait(headers: httpx.Headers, now: float) -> float | None:
+    """Seconds from ``now`` until Anthropic's limits reset, from ``anthropic-ratelimit-*-reset``.
+
+    Each limit (requests, tokens, input-tokens, output-tokens) sends an RFC 3339 reset time. When
+    some say ``-remaining: 0``, those refused us and all must refill, so the latest of them counts;
+    otherwise the earliest reset is the first moment a retry can succeed. Never negative.
+    """
+    resets: dict[str, float] = {}
+    for name, value in headers.items():
+        if name.startswith(_RATELIMIT_PREFIX) and name.endswith("-reset"):
+            at = _rfc3339_timestamp(value)
+            if at is not None:
+                resets[name.removesuffix("-reset")] = at
+    if not resets:
+        return None
+    exhausted = [at for limit, at in resets.items() if headers.get(f"{limit}-remaining", "").strip() == "0"]
+    at = max(exhausted) if exhausted else min(resets.values())
+    return max(0.0, at - now)
+
+
+def _rfc3339_timestamp(value: str) -> float | None:
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None  # a malformed hint is ignored, never an error of ours
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _conversation(messages: Iterable[Message]) -> tuple[str, list[tuple[str, str]]]:
+    """The system prompt and the user/assistant turns, consecutive same-role messages merged,
+    because the Messages API takes one ``system`` and requires alternating roles."""
+    system: list[str] = []
+    turns: list[tuple[str, str]] = []
+    for message in messages:
+        role, content = message.get("role"), message.get("content") or ""
+        if role == "system":
+            system.append(content)
+        elif role not in ("user", "assistant"):
+            raise errors.InvalidRequest(f"unsupported message role {role!r}")
+        elif turns and turns[-1][0] == role:
+            turns[-1] = (role, _join((turns[-1][1], content)))
+        else:
+            turns.append((role, content))
+    return _join(system), turns
+
+
+def _join(texts: Iterable[str]) -> str:
+    return "\n\n".join(text for text in texts if text)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
