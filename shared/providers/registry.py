@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
+from shared.providers.anthropic import AnthropicProvider
 from shared.providers.base import Provider
 from shared.providers.config import Catalog, ProviderConfig
-from shared.providers.anthropic import AnthropicProvider
 from shared.providers.gemini import GeminiProvider
 from shared.providers.openai import OpenAIProvider
 

@@ -200,7 +200,7 @@ chairman = "p1:chairman"
             interval=0.05,
             what="the circuit to open",
         )
-        opened_at = float(opened) / 1000
+        opened_at = float(str(opened)) / 1000
         final = wait_for_batch(client, batch_id, timeout=180)
         sample = jsonl(client.get(f"/v1/batches/{batch_id}/results"))[:1]
         assert final["status"] == "completed" and final["request_counts"]["completed"] == 300, str(sample)
@@ -264,7 +264,8 @@ chairman = "sim:chairman"
             j += 1
         busiest = max(busiest, i - j + 1)
     assert busiest <= rpm, f"{busiest} requests in one 60 s window"
-    print(f"rpm {rpm}: busiest 60 s window held {busiest} of {len(times)} requests over {times[-1] - times[0]:.1f} s")
+    span = times[-1] - times[0]
+    print(f"rpm {rpm}: busiest 60 s window held {busiest} of {len(times)} requests over {span:.1f} s")
 
 
 def test_unreachable_chairman_falls_back_then_top_ranked(make_stack: StackFactory, sim: SimServer) -> None:

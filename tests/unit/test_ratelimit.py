@@ -51,9 +51,9 @@ def test_tpm_charges_tokens_and_settles_to_real_usage() -> None:
     async def scenario() -> None:
         rl = limiter(tpm=60_000)  # burst 3,000 tokens
         assert await rl.acquire(3000) < 0.05
-        before = float(await rl.client.get(rl.tpm_key))
+        before = float(await rl.client.get(rl.tpm_key) or 0)
         await rl.settle(estimated=3000, actual=1000)  # refund 2,000 tokens
-        after = float(await rl.client.get(rl.tpm_key))
+        after = float(await rl.client.get(rl.tpm_key) or 0)
         assert after < before
         assert await rl.acquire(1500) < 0.05  # the refund made room
 
