@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from api.deps import AppState
 from api.errors import install_error_handlers
-from api.routes import batches, health, queries
+from api.routes import batches, health, queries, usage, webhooks
 from shared.db import make_engine, make_sessionmaker
 from shared.providers.config import load_catalog
 from shared.settings import Settings, get_settings
@@ -32,6 +32,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Conclave", version="0.1.0", description="Batches of LLM council queries.")
     app.state.conclave = state
     install_error_handlers(app)
-    for module in (health, batches, queries):
+    for module in (health, batches, queries, webhooks, usage):
         app.include_router(module.router)
     return app

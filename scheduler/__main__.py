@@ -1,7 +1,8 @@
 """The scheduler process: APScheduler jobs, run only by the replica holding the leader lock.
 
-``python -m scheduler`` (Procfile ``scheduler``). Jobs are idempotent, so a leadership change
-in the middle of one is harmless.
+``python -m scheduler`` (Procfile ``scheduler``). Every replica schedules every job; a job body
+runs only on the leader, and every job is idempotent, so a leadership change in the middle of
+one is harmless.
 """
 
 from __future__ import annotations
@@ -15,47 +16,60 @@ from typing import Any
 import redis
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from scheduler.jobs.costs import budget_checks, daily_summaries
 from scheduler.jobs.expiry import expire_batches
-from scheduler.jobs.reconcile import reconcile
+from scheduler.jobs.reconcile import Reconciler
+from scheduler.jobs.webhooks import Dispatcher
 from scheduler.leader import LeaderLock
 from shared.db import make_engine, make_sessionmaker, upgrade
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 from workers.broker import make_broker
 
 log = logging.getLogger("conclave.scheduler")
 
+# Seconds between runs of each job.
+INTERVALS = {"webhooks": 1, "reconcile": 15, "expiry": 10, "budgets": 60, "daily_summary": 300}
 
-def leader_only(lock: LeaderLock, job: Callable[[], Any]) -> Callable[[], None]:
+
+def leader_only(lock: LeaderLock, name: str, job: Callable[[], Any]) -> Callable[[], None]:
     def run() -> None:
         if not lock.is_leader:
             return
         try:
             job()
         except Exception:
-            log.exception("job %s failed", getattr(job, "__name__", job))
+            log.exception("job %s failed", name)
 
     return run
+
+
+def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
+    sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=4))
+    broker = make_broker(settings.redis_url, settings.queue_namespace)
+    lock = LeaderLock(
+        redis.Redis.from_url(settings.redis_url), key=f"{settings.queue_namespace}:scheduler:leader"
+    )
+    jobs: dict[str, Callable[[], Any]] = {
+        "webhooks": Dispatcher(
+            sessions, schedule=settings.webhook_retry_schedule, allow_private=settings.webhook_allow_private
+        ).run,
+        "reconcile": Reconciler(sessions, broker).run,
+        "expiry": lambda: expire_batches(sessions),
+        "budgets": lambda: budget_checks(sessions, settings),
+        "daily_summary": lambda: daily_summaries(sessions),
+    }
+    scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+    scheduler.add_job(lock.tick, "interval", seconds=lock.ttl_ms / 3000, id="leader")
+    for name, job in jobs.items():
+        scheduler.add_job(leader_only(lock, name, job), "interval", seconds=INTERVALS[name], id=name)
+    return scheduler, lock
 
 
 def main() -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level)
     upgrade(settings.database_url)
-    sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=4))
-    broker = make_broker(settings.redis_url, settings.queue_namespace)
-    lock = LeaderLock(
-        redis.Redis.from_url(settings.redis_url), key=f"{settings.queue_namespace}:scheduler:leader"
-    )
-
-    scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
-    scheduler.add_job(lock.tick, "interval", seconds=lock.ttl_ms / 3000, id="leader")
-    scheduler.add_job(
-        leader_only(lock, lambda: reconcile(sessions, broker)), "interval", seconds=15, id="reconcile"
-    )
-    scheduler.add_job(
-        leader_only(lock, lambda: expire_batches(sessions)), "interval", seconds=30, id="expiry"
-    )
-
+    scheduler, lock = build(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

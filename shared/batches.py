@@ -25,12 +25,14 @@ from sqlmodel import col
 
 from api.schemas import BatchCreate
 from shared.db import affected
-from shared.errors import Conflict, DependencyDown, InvalidField, NotFound, PayloadTooLarge
+from shared.errors import Conflict, DependencyDown, InvalidField, NotFound, PayloadTooLarge, PaymentRequired
 from shared.ids import new_id, new_ids
-from shared.models import BATCH_TERMINAL, BATCHES, QUERIES, Batch, Query
+from shared.models import BATCH_TERMINAL, BATCHES, QUERIES, Batch, Query, Tenant
 from shared.providers.config import Catalog
 from shared.queries import finalize_if_done
 from shared.settings import Settings, parse_window
+from shared.usage import budget_for, month_to_date_cost
+from shared.webhooks.endpoints import check_webhook_url
 from workers.broker import enqueue_messages, query_message
 
 log = logging.getLogger("conclave.batches")
@@ -125,13 +127,6 @@ def resolve_council(payload: BatchCreate, catalog: Catalog) -> dict[str, Any]:
     return {"mode": mode, "members": members, "chairman": chairman}
 
 
-def _check_webhook_url(url: str | None) -> None:
-    if url is None:
-        return
-    if not (url.startswith("https://") or url.startswith("http://")) or len(url) < 10:
-        raise InvalidField("webhook_url must be an http(s) URL", param="webhook_url")
-
-
 def request_fingerprint(payload: BatchCreate) -> str:
     return hashlib.sha256(
         orjson.dumps(payload.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
@@ -162,7 +157,11 @@ def create_batch(
     _check_queries(payload, settings)
     council = resolve_council(payload, catalog)
     metadata = _check_metadata(payload.metadata)
-    _check_webhook_url(payload.webhook_url)
+    if payload.webhook_url is not None:
+        check_webhook_url(
+            payload.webhook_url, allow_private=settings.webhook_allow_private, param="webhook_url"
+        )
+    _check_budget(sessions, settings, tenant_id)
     window = payload.completion_window or settings.default_completion_window
     try:
         window_s = parse_window(window)
@@ -233,6 +232,19 @@ def create_batch(
             session.execute(delete(BATCHES).where(col(Batch.id) == batch.id))
         raise DependencyDown("the queue is unavailable; nothing was stored, retry later") from exc
     return batch, Counts(total=batch.total, queued=batch.total), True
+
+
+def _check_budget(sessions: sessionmaker[Session], settings: Settings, tenant_id: str) -> None:
+    with sessions() as session:
+        tenant = session.get(Tenant, tenant_id)
+        budget = budget_for(tenant, settings) if tenant else None
+        if budget is None:
+            return
+        spent = month_to_date_cost(session, tenant_id, int(time.time()))
+    if spent >= budget:
+        raise PaymentRequired(
+            f"this month's budget of ${budget:,.2f} is spent (${spent:,.2f}); new batches are refused"
+        )
 
 
 def _request_doc(q: Any) -> dict[str, Any]:
@@ -369,9 +381,7 @@ def cancel_batch(sessions: sessionmaker[Session], tenant_id: str, batch_id: str)
     (or this call, when none runs) moves the batch to ``cancelled``."""
     now = int(time.time())
     with sessions.begin() as session:
-        batch = get_batch(session, tenant_id, batch_id)
-        if batch.status in BATCH_TERMINAL and batch.status != "cancelled":
-            raise Conflict(f"batch is already {batch.status}", param="batch_id")
+        get_batch(session, tenant_id, batch_id)
         moved = affected(
             session.execute(
                 update(Batch)
@@ -379,7 +389,13 @@ def cancel_batch(sessions: sessionmaker[Session], tenant_id: str, batch_id: str)
                 .values(status="cancelling", cancelling_at=now)
             )
         )
-        if moved:
+        if not moved:
+            # Decided by the update, not by an earlier read: a batch that finished a moment ago
+            # is refused exactly like one that finished long ago.
+            status = session.scalar(select(col(Batch.status)).where(col(Batch.id) == batch_id))
+            if status not in ("cancelling", "cancelled"):
+                raise Conflict(f"batch is already {status}", param="batch_id")
+        else:
             # The conditional update is what makes cancel race-free against workers: a worker
             # only runs a query it moved from 'queued' to 'running' itself.
             session.execute(

@@ -3,6 +3,7 @@
     ConclaveError                 root; ``status`` and ``type`` are what the API renders
     ├── BadRequest        400     malformed body (not JSON, wrong top-level shape)
     ├── Unauthorized      401     no key, unknown or revoked key
+    ├── PaymentRequired   402     the tenant's monthly budget is spent
     ├── Forbidden         403     the key's role does not allow this
     ├── NotFound          404     unknown id, or another tenant's
     ├── Conflict          409     idempotency key reused with another body; illegal state change
@@ -36,6 +37,11 @@ class BadRequest(ConclaveError):
 class Unauthorized(ConclaveError):
     status = 401
     type = "authentication_error"
+
+
+class PaymentRequired(ConclaveError):
+    status = 402
+    type = "budget_exceeded"
 
 
 class Forbidden(ConclaveError):

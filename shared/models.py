@@ -28,6 +28,11 @@ class Tenant(SQLModel, table=True):
     is_operator: bool = False
     # Needed in clear to sign webhooks (HMAC); never logged, only shown to the tenant's admins.
     webhook_secret: str = Field(max_length=128)
+    # After a rotation the old secret still signs (beside the new one) until this time.
+    previous_webhook_secret: str | None = Field(default=None, max_length=128)
+    previous_secret_expires_at: int | None = None
+    # Overrides the tier's monthly budget; None = the tier's.
+    monthly_budget_usd: float | None = None
     created_at: int
 
 
@@ -134,7 +139,61 @@ class ProviderCall(SQLModel, table=True):
     created_at: int
 
 
+class WebhookEndpoint(SQLModel, table=True):
+    """A tenant-wide endpoint that receives its subscribed events (SPEC §3.2)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=40)
+    url: str = Field(max_length=2048)
+    events: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    enabled: bool = True
+    disabled_reason: str | None = Field(default=None, max_length=256)
+    created_at: int
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event for one target URL; its id is the ``webhook-id``, stable across retries."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_tenant", "tenant_id", "id"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(max_length=40)
+    endpoint_id: str | None = Field(default=None, max_length=40)
+    batch_id: str | None = Field(default=None, max_length=40, index=True)
+    url: str = Field(max_length=2048)
+    event_type: str = Field(max_length=64)
+    body: str  # the exact bytes signed and sent, so every retry is identical
+    status: str = Field(default="pending", max_length=16)  # pending | delivered | failed
+    attempts: int = 0
+    next_attempt_at: int
+    last_attempt_at: int | None = None
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, max_length=512)
+    delivered_at: int | None = None
+    created_at: int
+
+
+class Notice(SQLModel, table=True):
+    """Marks a once-per-period event as sent: the unique key makes "once" hold under races."""
+
+    __tablename__ = "notices"
+    __table_args__ = (UniqueConstraint("tenant_id", "kind", "period", name="uq_notices_once"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    tenant_id: str = Field(max_length=40)
+    kind: str = Field(max_length=64)
+    period: str = Field(max_length=16)
+    created_at: int
+
+
 # Core table handles for bulk statements (typed: SQLModel does not declare ``__table__``).
 QUERIES: Table = Query.__table__  # type: ignore[attr-defined]
 BATCHES: Table = Batch.__table__  # type: ignore[attr-defined]
 PROVIDER_CALLS: Table = ProviderCall.__table__  # type: ignore[attr-defined]
+DELIVERIES: Table = WebhookDelivery.__table__  # type: ignore[attr-defined]

@@ -155,8 +155,8 @@ def record_outcome(
 
 
 def finalize_if_done(session: Session, batch_id: str, now: int | None = None) -> str | None:
-    """Move the batch to its end state if no query is open. Returns the new status if this call
-    did it (exactly one caller ever does), else None.
+    """Move the batch to its end state if no query is open and queue its ``batch.*`` event.
+    Returns the new status if this call did it (exactly one caller ever does), else None.
 
     Must run in a transaction that starts after the caller's own query update committed: then
     whichever of several racing workers commits last is guaranteed to see no open query.
@@ -181,6 +181,10 @@ def finalize_if_done(session: Session, batch_id: str, now: int | None = None) ->
             )
         )
         if moved:
+            # The event commits with the change: delivered once, never lost.
+            from shared.webhooks.events import emit_batch_event
+
+            emit_batch_event(session, batch_id, to_status, now)
             return to_status
     return None
 

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     call_max_attempts: int = Field(default=5, ge=1)
     min_answers: int = Field(default=2, ge=1)
 
+    # Monthly budget per tier in USD (None = unlimited); a tenant's own budget overrides it.
+    tier_monthly_budget_usd: dict[str, float | None] = Field(
+        default={"free": 10.0, "pro": 1000.0, "enterprise": None}
+    )
+
     environment: Literal["development", "production", "test"] = "development"
     log_level: str = "INFO"
 

@@ -139,6 +139,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CONCLAVE_PROVIDERS_FILE": str(settings.providers_file),
         "CONCLAVE_ENVIRONMENT": "test",
         "CONCLAVE_LOG_LEVEL": "WARNING",
+        # Test receivers listen on 127.0.0.1; refusal of private addresses is tested in-process.
+        "CONCLAVE_WEBHOOK_ALLOW_PRIVATE": "true",
     }
 
 

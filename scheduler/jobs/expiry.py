@@ -11,6 +11,7 @@ from sqlmodel import col
 
 from shared.db import affected
 from shared.models import QUERY_OPEN, Batch, Query
+from shared.webhooks.events import emit_batch_event
 
 log = logging.getLogger("conclave.scheduler")
 
@@ -46,6 +47,7 @@ def expire_batches(sessions: sessionmaker[Session], now: int | None = None) -> l
                     error={"type": "expired", "message": "the batch's completion window passed"},
                 )
             )
+            emit_batch_event(session, batch_id, "expired", now)
         expired.append(batch_id)
         log.info("batch %s expired", batch_id)
     return expired

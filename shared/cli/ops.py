@@ -15,6 +15,7 @@ from shared.settings import PRIORITIES, get_settings
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 console = Console()
+errors = Console(stderr=True)
 
 
 @keys_app.command("create")
@@ -30,7 +31,7 @@ def keys_create(
     from shared.tenants import ROLES, TIERS, issue_key
 
     if role not in ROLES or tier not in TIERS:
-        console.print(f"[red]role must be one of {ROLES}, tier one of {TIERS}[/red]")
+        errors.print(f"[red]role must be one of {ROLES}, tier one of {TIERS}[/red]")
         raise typer.Exit(2)
     settings = get_settings()
     upgrade(settings.database_url)
@@ -115,7 +116,7 @@ def worker(
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in names if q not in PRIORITIES]
     if unknown:
-        console.print(f"[red]unknown queue(s) {unknown}; use {PRIORITIES}[/red]")
+        errors.print(f"[red]unknown queue(s) {unknown}; use {PRIORITIES}[/red]")
         raise typer.Exit(2)
     argv = [
         sys.executable,

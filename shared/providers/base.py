@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 
@@ -69,6 +70,8 @@ class Provider(ABC):
         except TimeoutError as exc:
             raise errors.Timeout(f"no answer within {self.config.timeout_s:g}s") from exc
         except httpx.TimeoutException as exc:
+            if _connection_failed(exc):
+                raise errors.NetworkError(f"connection failed: {type(exc.__cause__).__name__}") from exc
             raise errors.Timeout(f"timed out: {type(exc).__name__}") from exc
         except httpx.HTTPError as exc:
             # The message of a transport error may carry the URL but never a key (keys are headers).
@@ -89,6 +92,15 @@ class Provider(ABC):
             error.message = error.message.replace(self._api_key, "[redacted]")
             error.args = (error.message,)
         return error
+
+
+def _connection_failed(exc: httpx.TimeoutException) -> bool:
+    """httpx-aiohttp maps every aiohttp connection error (refused, reset, disconnected) to
+    ``httpx.ConnectTimeout``; the cause says whether time really ran out."""
+    cause = exc.__cause__
+    return isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
+        cause, aiohttp.ServerTimeoutError | TimeoutError
+    )
 
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:

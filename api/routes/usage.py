@@ -1,0 +1,48 @@
+"""``GET /v1/usage``: tokens and cost for the tenant, from the provider-call ledger."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+
+from api.deps import PrincipalDep, SessionDep
+from api.responses import JSONBytes
+from api.routes.batches import _ERRORS
+from shared.errors import InvalidField
+from shared.usage import month_start, usage_report
+
+router = APIRouter(tags=["usage"])
+
+
+def parse_instant(value: str | None, param: str, default: int) -> int:
+    """Unix seconds, or an ISO 8601 date/time (UTC when no zone is given)."""
+    if value is None:
+        return default
+    if value.isdigit():
+        return int(value)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidField(f"{param} must be Unix seconds or an ISO 8601 date", param=param) from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp())
+
+
+@router.get("/v1/usage", responses=_ERRORS)
+def usage(
+    session: SessionDep,
+    principal: PrincipalDep,
+    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
+    to: Annotated[str | None, Query(max_length=40)] = None,
+    group_by: Literal["day", "provider", "model"] | None = None,
+) -> JSONBytes:
+    now = int(time.time())
+    start = parse_instant(from_, "from", month_start(now))
+    end = parse_instant(to, "to", now + 1)
+    if end <= start:
+        raise InvalidField("'to' must be after 'from'", param="to")
+    return JSONBytes(usage_report(session, principal.tenant_id, start, end, group_by))

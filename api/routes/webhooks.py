@@ -1,0 +1,89 @@
+"""``/v1/webhooks``, ``/v1/webhook-secret``, ``/v1/webhooks/deliveries`` (SPEC §3.2)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+
+from api.deps import PrincipalDep, SessionDep, StateDep, WriterDep
+from api.responses import JSONBytes
+from api.routes.batches import _ERRORS
+from shared.webhooks import endpoints
+
+router = APIRouter(tags=["webhooks"])
+
+
+class EndpointIn(BaseModel):
+    url: str = Field(max_length=2048)
+    events: list[str] = Field(min_length=1, max_length=16)
+
+
+def _page(rows: list[dict], has_more: bool) -> dict:
+    return {
+        "object": "list",
+        "data": rows,
+        "has_more": has_more,
+        "first_id": rows[0]["id"] if rows else None,
+        "last_id": rows[-1]["id"] if rows else None,
+    }
+
+
+@router.post("/v1/webhooks", status_code=201, responses=_ERRORS)
+def register_webhook(body: EndpointIn, state: StateDep, principal: WriterDep) -> JSONBytes:
+    with state.sessions.begin() as session:
+        endpoint = endpoints.register_endpoint(
+            session,
+            principal.tenant_id,
+            body.url,
+            body.events,
+            allow_private=state.settings.webhook_allow_private,
+        )
+        return JSONBytes(endpoints.endpoint_object(endpoint), status_code=201)
+
+
+@router.get("/v1/webhooks", responses=_ERRORS)
+def list_webhooks(session: SessionDep, principal: PrincipalDep) -> JSONBytes:
+    rows = [endpoints.endpoint_object(e) for e in endpoints.list_endpoints(session, principal.tenant_id)]
+    return JSONBytes(_page(rows, False))
+
+
+@router.delete("/v1/webhooks/{webhook_id}", responses=_ERRORS)
+def delete_webhook(webhook_id: str, state: StateDep, principal: WriterDep) -> JSONBytes:
+    with state.sessions.begin() as session:
+        endpoints.delete_endpoint(session, principal.tenant_id, webhook_id)
+    return JSONBytes({"id": webhook_id, "object": "webhook_endpoint", "deleted": True})
+
+
+@router.get("/v1/webhook-secret", responses=_ERRORS)
+def get_secret(session: SessionDep, principal: WriterDep) -> JSONBytes:
+    return JSONBytes({"secret": endpoints.current_secret(session, principal.tenant_id)})
+
+
+@router.post("/v1/webhook-secret/rotate", responses=_ERRORS)
+def rotate_secret(state: StateDep, principal: WriterDep) -> JSONBytes:
+    with state.sessions.begin() as session:
+        secret, old_expires_at = endpoints.rotate_secret(session, principal.tenant_id)
+    return JSONBytes({"secret": secret, "previous_secret_expires_at": old_expires_at})
+
+
+@router.get("/v1/webhooks/deliveries", responses=_ERRORS)
+def list_deliveries(
+    session: SessionDep,
+    principal: PrincipalDep,
+    status: Literal["pending", "delivered", "failed"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> JSONBytes:
+    rows, has_more = endpoints.list_deliveries(
+        session, principal.tenant_id, status=status, limit=limit, after=after
+    )
+    return JSONBytes(_page([endpoints.delivery_object(d) for d in rows], has_more))
+
+
+@router.post("/v1/webhooks/deliveries/{delivery_id}/redeliver", responses=_ERRORS)
+def redeliver(delivery_id: str, state: StateDep, principal: WriterDep) -> JSONBytes:
+    with state.sessions.begin() as session:
+        delivery = endpoints.redeliver(session, principal.tenant_id, delivery_id)
+        return JSONBytes(endpoints.delivery_object(delivery))

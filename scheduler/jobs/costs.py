@@ -1,0 +1,86 @@
+"""Cost jobs: the daily summary per tenant and the monthly budget check, each sent once per period.
+
+"Once" is held by the database: a ``Notice`` row with a unique (tenant, kind, period) is written
+in the same transaction as the event, so two runs (or two leaders in a handover) cannot both
+send it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import distinct, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlmodel import col
+
+from shared.models import Notice, ProviderCall, Tenant
+from shared.settings import Settings
+from shared.usage import budget_for, month_start, month_to_date_cost, usage_report
+from shared.webhooks.events import emit
+
+log = logging.getLogger("conclave.scheduler")
+
+
+def _send_once(
+    sessions: sessionmaker[Session], tenant_id: str, kind: str, period: str, data: dict, now: int
+) -> bool:
+    try:
+        with sessions.begin() as session:
+            session.add(Notice(tenant_id=tenant_id, kind=kind, period=period, created_at=now))
+            session.flush()
+            emit(session, tenant_id, kind, data, now=now)
+    except IntegrityError:
+        return False  # already sent for this period
+    log.info("%s sent to tenant %s for %s", kind, tenant_id, period)
+    return True
+
+
+def daily_summaries(sessions: sessionmaker[Session], now: int | None = None) -> int:
+    """``cost.daily_summary`` for yesterday (UTC) to every tenant that made calls that day."""
+    now = now or int(time.time())
+    today = datetime.fromtimestamp(now, UTC).date()
+    day = today - timedelta(days=1)
+    start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
+    end = start + 86400
+    with sessions() as session:
+        tenants = session.scalars(
+            select(distinct(col(ProviderCall.tenant_id))).where(
+                col(ProviderCall.created_at) >= start, col(ProviderCall.created_at) < end
+            )
+        ).all()
+    sent = 0
+    for tenant_id in tenants:
+        with sessions() as session:
+            report = usage_report(session, tenant_id, start, end, "model")
+        data = {"date": day.isoformat(), **{k: v for k, v in report.items() if k != "object"}}
+        sent += _send_once(sessions, tenant_id, "cost.daily_summary", day.isoformat(), data, now)
+    return sent
+
+
+def budget_checks(sessions: sessionmaker[Session], settings: Settings, now: int | None = None) -> int:
+    """``cost.budget_exceeded`` once per month to each tenant whose spend reached its budget."""
+    now = now or int(time.time())
+    period = datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
+    with sessions() as session:
+        spenders = session.scalars(
+            select(distinct(col(ProviderCall.tenant_id))).where(
+                col(ProviderCall.created_at) >= month_start(now)
+            )
+        ).all()
+        tenants = (
+            session.scalars(select(Tenant).where(col(Tenant.id).in_(spenders))).all() if spenders else []
+        )
+        over = []
+        for tenant in tenants:
+            budget = budget_for(tenant, settings)
+            spent = month_to_date_cost(session, tenant.id, now)
+            if budget is not None and spent >= budget:
+                over.append((tenant.id, budget, spent))
+    sent = 0
+    for tenant_id, budget, spent in over:
+        data = {"period": period, "budget_usd": budget, "spent_usd": round(spent, 8)}
+        sent += _send_once(sessions, tenant_id, "cost.budget_exceeded", period, data, now)
+    return sent

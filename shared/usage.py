@@ -1,0 +1,116 @@
+"""Usage and cost, derived from the provider-call ledger (SPEC §5.3): reports, month-to-date
+spend, and the budget a tenant has. Nothing here is stored twice: totals are always sums of
+recorded calls."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from shared.models import ProviderCall, Tenant
+from shared.settings import Settings
+
+GroupBy = Literal["day", "provider", "model"]
+
+
+def _sums() -> list[Any]:
+    return [
+        func.count().label("calls"),
+        func.coalesce(func.sum(col(ProviderCall.input_tokens)), 0).label("input_tokens"),
+        func.coalesce(func.sum(col(ProviderCall.output_tokens)), 0).label("output_tokens"),
+        func.coalesce(func.sum(col(ProviderCall.cost_usd)), 0.0).label("cost_usd"),
+    ]
+
+
+def _totals(row: Any) -> dict[str, Any]:
+    return {
+        "calls": int(row.calls),
+        "input_tokens": int(row.input_tokens),
+        "output_tokens": int(row.output_tokens),
+        "total_tokens": int(row.input_tokens) + int(row.output_tokens),
+        "cost_usd": round(float(row.cost_usd), 8),
+    }
+
+
+def usage_report(
+    session: Session, tenant_id: str, start: int, end: int, group_by: GroupBy | None
+) -> dict[str, Any]:
+    """Totals over ``[start, end)`` (Unix seconds) and, if asked, one row per day/provider/model."""
+    where = (
+        col(ProviderCall.tenant_id) == tenant_id,
+        col(ProviderCall.created_at) >= start,
+        col(ProviderCall.created_at) < end,
+    )
+    total = session.execute(select(*_sums()).where(*where)).one()
+    report: dict[str, Any] = {"object": "usage", "from": start, "to": end, **_totals(total)}
+    if group_by is None:
+        return report
+    if group_by == "model":
+        key: Any = col(ProviderCall.model)
+    elif group_by == "day":
+        key = col(ProviderCall.created_at) - col(ProviderCall.created_at) % 86400
+    else:
+        key = None
+    if key is not None:
+        rows = session.execute(
+            select(key.label("key"), *_sums()).where(*where).group_by(key).order_by(key)
+        ).all()
+        groups = [{group_by: _label(group_by, r.key), **_totals(r)} for r in rows]
+    else:
+        # A model id is "<provider>:<model>": fold the models into their providers.
+        by_model = session.execute(
+            select(col(ProviderCall.model).label("key"), *_sums())
+            .where(*where)
+            .group_by(col(ProviderCall.model))
+        ).all()
+        merged: dict[str, dict[str, Any]] = {}
+        for r in by_model:
+            provider = str(r.key).partition(":")[0]
+            acc = merged.setdefault(
+                provider, {"calls": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+            )
+            acc["calls"] += int(r.calls)
+            acc["input_tokens"] += int(r.input_tokens)
+            acc["output_tokens"] += int(r.output_tokens)
+            acc["cost_usd"] += float(r.cost_usd)
+        groups = [
+            {
+                "provider": p,
+                **v,
+                "total_tokens": v["input_tokens"] + v["output_tokens"],
+                "cost_usd": round(v["cost_usd"], 8),
+            }
+            for p, v in sorted(merged.items())
+        ]
+    report["data"] = groups
+    return report
+
+
+def _label(group_by: str, key: Any) -> Any:
+    if group_by == "day":
+        return datetime.fromtimestamp(int(key), UTC).date().isoformat()
+    return key
+
+
+def month_start(now: int) -> int:
+    d = datetime.fromtimestamp(now, UTC)
+    return int(datetime(d.year, d.month, 1, tzinfo=UTC).timestamp())
+
+
+def month_to_date_cost(session: Session, tenant_id: str, now: int) -> float:
+    cost = session.scalar(
+        select(func.coalesce(func.sum(col(ProviderCall.cost_usd)), 0.0)).where(
+            col(ProviderCall.tenant_id) == tenant_id, col(ProviderCall.created_at) >= month_start(now)
+        )
+    )
+    return float(cost or 0.0)
+
+
+def budget_for(tenant: Tenant, settings: Settings) -> float | None:
+    if tenant.monthly_budget_usd is not None:
+        return tenant.monthly_budget_usd
+    return settings.tier_monthly_budget_usd.get(tenant.tier)

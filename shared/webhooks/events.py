@@ -1,0 +1,95 @@
+"""Events become delivery rows, in the same transaction as the state change they report.
+
+``emit`` writes one ``WebhookDelivery`` per target: the batch's own ``webhook_url`` for its
+``batch.*`` events, and every enabled tenant endpoint subscribed to the event type. Delivery
+itself is the scheduler's job (``scheduler/jobs/webhooks.py``); because the rows commit with
+the change, an event is never lost and never emitted twice.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from shared.ids import new_id
+from shared.models import DELIVERIES, Batch, WebhookEndpoint
+
+EVENT_TYPES = (
+    "batch.completed",
+    "batch.cancelled",
+    "batch.expired",
+    "cost.budget_exceeded",
+    "cost.daily_summary",
+)
+BATCH_EVENTS = {"completed": "batch.completed", "cancelled": "batch.cancelled", "expired": "batch.expired"}
+
+
+def emit(
+    session: Session,
+    tenant_id: str,
+    event_type: str,
+    data: dict[str, Any],
+    *,
+    batch_id: str | None = None,
+    batch_webhook_url: str | None = None,
+    now: int | None = None,
+) -> list[str]:
+    """Queue ``event_type`` for every target; returns the delivery ids. Caller commits."""
+    now = now or int(time.time())
+    body = orjson.dumps(
+        {"type": event_type, "timestamp": datetime.fromtimestamp(now, UTC).isoformat(), "data": data}
+    ).decode()
+    targets: list[tuple[str | None, str]] = []
+    if batch_webhook_url and event_type.startswith("batch."):
+        targets.append((None, batch_webhook_url))
+    endpoints = session.execute(
+        select(col(WebhookEndpoint.id), col(WebhookEndpoint.url), col(WebhookEndpoint.events)).where(
+            col(WebhookEndpoint.tenant_id) == tenant_id, col(WebhookEndpoint.enabled).is_(True)
+        )
+    ).all()
+    targets += [(e.id, e.url) for e in endpoints if event_type in e.events or "*" in e.events]
+    rows = [
+        {
+            "id": new_id("msg"),
+            "tenant_id": tenant_id,
+            "endpoint_id": endpoint_id,
+            "batch_id": batch_id,
+            "url": url,
+            "event_type": event_type,
+            "body": body,
+            "status": "pending",
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+        }
+        for endpoint_id, url in targets
+    ]
+    if rows:
+        session.execute(insert(DELIVERIES), rows)
+    return [str(r["id"]) for r in rows]
+
+
+def emit_batch_event(session: Session, batch_id: str, final_status: str, now: int | None = None) -> list[str]:
+    """The ``batch.*`` event for a batch that just reached ``final_status`` (data = the batch object)."""
+    from shared.batches import batch_object, counts_for
+
+    event_type = BATCH_EVENTS.get(final_status)
+    batch = session.get(Batch, batch_id)
+    if event_type is None or batch is None:
+        return []
+    data = batch_object(batch, counts_for(session, [batch_id])[batch_id], now)
+    return emit(
+        session,
+        batch.tenant_id,
+        event_type,
+        data,
+        batch_id=batch_id,
+        batch_webhook_url=batch.webhook_url,
+        now=now,
+    )
