@@ -28,7 +28,7 @@ from workers.broker import make_broker
 log = logging.getLogger("conclave.scheduler")
 
 # Seconds between runs of each job.
-INTERVALS = {"webhooks": 1, "reconcile": 15, "expiry": 10, "budgets": 60, "daily_summary": 300}
+INTERVALS = {"webhooks": 1, "reconcile": 5, "expiry": 10, "budgets": 60, "daily_summary": 300}
 
 
 def leader_only(lock: LeaderLock, name: str, job: Callable[[], Any]) -> Callable[[], None]:

@@ -89,6 +89,30 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def private_database_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database of the session's kind, for tests whose processes scan the
+    whole database (scheduler jobs) and must not see other tests' rows."""
+    if DB_KIND != "postgresql":
+        url = f"sqlite:///{tmp_path / 'private.db'}"
+        upgrade(url)
+        yield url
+        return
+    require(_postgres_available(), f"PostgreSQL at {POSTGRES_URL}")
+    name = f"conclave_private_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+        upgrade(url)
+        yield url
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
 @pytest.fixture(scope="session")
 def sim_server() -> Iterator[SimServer]:
     with SimServer(SimConfig(seed=1234)) as server:

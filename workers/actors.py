@@ -9,14 +9,13 @@ loop the AsyncIO middleware owns, through one pooled HTTP client per process.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections import OrderedDict
 from typing import Any
 
 import dramatiq
+import redis
 import redis.asyncio as aioredis
 from dramatiq.asyncio import get_event_loop_thread
 
@@ -27,12 +26,17 @@ from shared.providers.registry import build_providers
 from shared.queries import CallRecord, batch_config, claim_query, finalize_if_done, record_outcome
 from shared.settings import PRIORITIES, get_settings
 from workers.broker import ACTOR_NAMES, ACTOR_PRIORITY, install_broker
+from workers.heartbeat import WorkerHeartbeat, worker_identity
 from workers.routing import route
 from workers.runner import Runner
 
 log = logging.getLogger("conclave.worker")
 settings = get_settings()
 broker = install_broker(settings.redis_url, settings.queue_namespace)
+WORKER_ID = worker_identity(broker)
+broker.add_middleware(
+    WorkerHeartbeat(redis.Redis.from_url(settings.redis_url), settings.queue_namespace, WORKER_ID)
+)
 
 
 class WorkerContext:
@@ -59,7 +63,7 @@ class WorkerContext:
             ),
             namespace=settings.queue_namespace,
         )
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{broker.broker_id[:8]}"
+        self.worker_id = WORKER_ID
         # A batch's council never changes once accepted, so it is read once per process.
         self._batches: OrderedDict[str, tuple[dict[str, Any], dict[str, Any] | None]] = OrderedDict()
         self._lock = threading.Lock()

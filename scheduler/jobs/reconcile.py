@@ -1,9 +1,16 @@
-"""Reconciliation: the database is the truth; Redis may lose messages.
+"""Reconciliation: the database is the truth; Redis may lose messages and workers may die.
 
-A query the database holds as ``queued`` whose message no longer exists in Redis (a restart
-without persistence, a FLUSHALL, an API that died between commit and enqueue), or ``running``
-past its lease with no live message (a dead worker), is enqueued again. Running it twice at once
-is impossible: a worker only runs a query it claimed with a conditional update.
+Each run:
+1. queries ``queued`` in the database whose message no longer exists in Redis (a restart
+   without persistence, a FLUSHALL, an API that died between commit and enqueue) are enqueued
+   again;
+2. queries ``running`` on a worker that stopped beating (``workers/heartbeat.py``) go back to
+   ``queued`` and are enqueued again; so do those whose lease ran out;
+3. dramatiq's own maintenance runs on every queue, so messages a dead worker had prefetched
+   but not started go back to their queue now rather than at some random later time.
+
+Running a query twice at once stays impossible: a worker only runs a query it moved to
+``running`` itself, and only the holder it names may write its outcome.
 """
 
 from __future__ import annotations
@@ -11,19 +18,24 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
 from dramatiq.brokers.redis import RedisBroker
-from sqlalchemy import or_, select, update
+from dramatiq.common import current_millis
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
+from shared.db import affected
 from shared.models import Query
+from shared.settings import PRIORITIES
 from workers.broker import enqueue_messages, messages_exist, query_message
+from workers.heartbeat import DEAD_AFTER_S, dead_workers
 
 log = logging.getLogger("conclave.scheduler")
 
 # A message is only looked for once the query has been queued this long: the API commits
 # rows before it enqueues, so a younger query may simply not be enqueued yet.
-GRACE_S = 30
+GRACE_S = 10
 # Rows examined per run. A run continues where the previous one stopped (a cursor on the
 # query id), so a lost message behind a long backlog of healthy ones is still found.
 SCAN_LIMIT = 20_000
@@ -36,16 +48,21 @@ class Reconciler:
         self._cursor = ""
 
     def run(self, now: int | None = None) -> int:
+        """One pass; returns how many queries were enqueued again."""
         now = now or int(time.time())
+        recovered = self._recover_dead_holders(now)
+        recovered += self._recover_lost_messages(now)
+        self._dramatiq_maintenance()
+        return recovered
+
+    def _recover_lost_messages(self, now: int) -> int:
         with self.sessions() as session:
             rows = session.execute(
                 select(col(Query.id), col(Query.priority))
                 .where(
                     col(Query.id) > self._cursor,
-                    or_(
-                        (col(Query.status) == "queued") & (col(Query.enqueued_at) < now - GRACE_S),
-                        (col(Query.status) == "running") & (col(Query.lease_expires_at) < now),
-                    ),
+                    col(Query.status) == "queued",
+                    col(Query.enqueued_at) < now - GRACE_S,
                 )
                 .order_by(col(Query.id))
                 .limit(SCAN_LIMIT)
@@ -67,6 +84,68 @@ class Reconciler:
             )
         log.info("re-enqueued %d queries whose messages were lost", len(lost))
         return len(lost)
+
+    def _recover_dead_holders(self, now: int) -> int:
+        with self.sessions() as session:
+            rows = session.execute(
+                select(col(Query.id), col(Query.priority), col(Query.worker_id), col(Query.lease_expires_at))
+                .where(col(Query.status) == "running")
+                .limit(SCAN_LIMIT)
+            ).all()
+        if not rows:
+            return 0
+        try:
+            dead = dead_workers(
+                self.broker.client, self.broker.namespace, {r.worker_id for r in rows if r.worker_id}, now
+            )
+        except redis.RedisError:
+            dead = set()
+        orphans = [r for r in rows if r.worker_id in dead or (r.lease_expires_at or 0) < now]
+        if not orphans:
+            return 0
+        handed_back = []
+        with self.sessions.begin() as session:
+            for r in orphans:
+                # Conditional on the holder we judged dead: if it finished meanwhile, nothing moves.
+                moved = affected(
+                    session.execute(
+                        update(Query)
+                        .where(
+                            col(Query.id) == r.id,
+                            col(Query.status) == "running",
+                            col(Query.worker_id) == r.worker_id
+                            if r.worker_id
+                            else col(Query.worker_id).is_(None),
+                        )
+                        .values(status="queued", worker_id=None, lease_expires_at=None, enqueued_at=now)
+                    )
+                )
+                if moved:
+                    handed_back.append((r.id, r.priority))
+        if handed_back:
+            enqueue_messages(self.broker, (query_message(qid, priority) for qid, priority in handed_back))
+            log.warning("handed %d queries of dead workers back to the queue", len(handed_back))
+        return len(handed_back)
+
+    def _dramatiq_maintenance(self) -> None:
+        dispatch = self.broker.scripts["dispatch"]
+        try:
+            for priority in PRIORITIES:
+                dispatch(
+                    keys=[self.broker.namespace],
+                    args=[
+                        "qsize",
+                        current_millis(),
+                        priority,
+                        self.broker.broker_id,
+                        DEAD_AFTER_S * 1000,
+                        self.broker.dead_message_ttl,
+                        1,
+                        self.broker._max_unpack_size(),
+                    ],
+                )
+        except redis.RedisError as exc:
+            log.warning("queue maintenance skipped: %s", type(exc).__name__)
 
 
 def reconcile(sessions: sessionmaker[Session], broker: RedisBroker, now: int | None = None) -> int:
