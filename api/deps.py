@@ -1,19 +1,27 @@
-"""Dependencies named once: the per-app state, a DB session, the calling principal, role checks."""
+"""Dependencies named once: the per-app state, a DB session, the calling principal (with its
+per-key rate limit), and role checks."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from dramatiq.brokers.redis import RedisBroker
 from fastapi import Depends, Request
+from redis.exceptions import RedisError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.errors import Forbidden, Unauthorized
+from api.ratelimit import SlidingWindow
+from shared.errors import Forbidden, RateLimited, Unauthorized
 from shared.providers.config import Catalog
 from shared.settings import Settings
 from shared.tenants import Principal, authenticate
+
+# An authentication failure weighs this many requests in the caller's per-IP window: guessing
+# keys is throttled long before ordinary traffic from the same address is.
+AUTH_FAILURE_COST = 20
 
 
 @dataclass
@@ -22,6 +30,7 @@ class AppState:
     sessions: sessionmaker[Session]
     broker: RedisBroker
     catalog: Catalog
+    limiter: SlidingWindow | None = None
 
 
 def get_state(request: Request) -> AppState:
@@ -51,8 +60,27 @@ def _bearer(request: Request) -> str | None:
 
 
 def get_principal(request: Request, state: StateDep) -> Principal:
-    with state.sessions() as session:
-        return authenticate(session, _bearer(request))
+    try:
+        with state.sessions() as session:
+            principal = authenticate(session, _bearer(request))
+    except Unauthorized:
+        if state.limiter is not None:
+            ip = request.scope.get("state", {}).get("client_ip", "unknown")
+            with contextlib.suppress(RedisError):
+                state.limiter.hit("ip", ip, state.settings.ip_requests_per_minute, cost=AUTH_FAILURE_COST)
+        raise
+    if state.limiter is not None:
+        limit = principal.limits(state.settings).requests_per_minute
+        try:
+            verdict = state.limiter.hit("key", principal.key_id, limit)
+        except RedisError:
+            return principal  # Redis down: serve rather than refuse; the queue will say if it matters
+        request.scope.setdefault("state", {})["ratelimit"] = verdict
+        if not verdict.admitted:
+            raise RateLimited(
+                f"this key is limited to {limit} requests per minute", retry_after=max(1, verdict.reset_s)
+            )
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -64,4 +92,18 @@ def require_writer(principal: PrincipalDep) -> Principal:
     return principal
 
 
+def require_admin(principal: PrincipalDep) -> Principal:
+    if principal.role != "admin":
+        raise Forbidden("this needs an admin key")
+    return principal
+
+
+def require_operator(principal: PrincipalDep) -> Principal:
+    if principal.role != "admin" or not principal.is_operator:
+        raise Forbidden("this needs an admin key of the operator tenant")
+    return principal
+
+
 WriterDep = Annotated[Principal, Depends(require_writer)]
+AdminDep = Annotated[Principal, Depends(require_admin)]
+OperatorDep = Annotated[Principal, Depends(require_operator)]

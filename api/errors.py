@@ -54,9 +54,14 @@ def param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
-async def _conclave_error(_: Request, exc: Exception) -> JSONBytes:
+async def _conclave_error(request: Request, exc: Exception) -> JSONBytes:
     assert isinstance(exc, ConclaveError)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+    headers = None
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after)}
+        verdict = request.scope.get("state", {}).get("ratelimit")
+        if verdict is not None and exc.type == "rate_limit_error":
+            headers.update(verdict.headers())
     return error_response(exc.status, exc.type, exc.message, exc.param, headers)
 
 

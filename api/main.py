@@ -12,7 +12,9 @@ from fastapi import FastAPI
 
 from api.deps import AppState
 from api.errors import install_error_handlers
-from api.routes import batches, health, queries, usage, webhooks
+from api.middleware import Guards
+from api.ratelimit import SlidingWindow
+from api.routes import admin, batches, health, keys, queries, usage, webhooks
 from shared.db import make_engine, make_sessionmaker
 from shared.providers.config import load_catalog
 from shared.settings import Settings, get_settings
@@ -23,15 +25,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)
     engine = make_engine(settings.database_url, pool_size=20)
+    broker = make_broker(settings.redis_url, settings.queue_namespace)
+    limiter = SlidingWindow(broker.client, settings.queue_namespace) if settings.rate_limits_enabled else None
     state = AppState(
         settings=settings,
         sessions=make_sessionmaker(engine),
-        broker=make_broker(settings.redis_url, settings.queue_namespace),
+        broker=broker,
         catalog=load_catalog(settings.providers_file, settings.sim_provider_url),
+        limiter=limiter,
     )
-    app = FastAPI(title="Conclave", version="0.1.0", description="Batches of LLM council queries.")
+    app = FastAPI(
+        title="Conclave",
+        version="0.1.0",
+        description="Batches of LLM council queries.",
+        max_body_size=settings.max_request_bytes,
+    )
+    app.add_middleware(Guards, settings=settings, limiter=limiter)
     app.state.conclave = state
     install_error_handlers(app)
-    for module in (health, batches, queries, webhooks, usage):
+    for module in (health, batches, queries, webhooks, usage, keys, admin):
         app.include_router(module.router)
     return app

@@ -77,6 +77,7 @@ def bench_env(
         "CONCLAVE_PROVIDERS_FILE": str(workdir / "absent.toml"),
         "CONCLAVE_LOG_LEVEL": "WARNING",
         "CONCLAVE_MAX_BATCH_QUERIES": "50000",
+        "CONCLAVE_IP_REQUESTS_PER_MINUTE": "1000000",
     }
 
 

@@ -25,12 +25,21 @@ from sqlmodel import col
 
 from api.schemas import BatchCreate
 from shared.db import affected
-from shared.errors import Conflict, DependencyDown, InvalidField, NotFound, PayloadTooLarge, PaymentRequired
+from shared.errors import (
+    Conflict,
+    DependencyDown,
+    Forbidden,
+    InvalidField,
+    NotFound,
+    PayloadTooLarge,
+    PaymentRequired,
+    RateLimited,
+)
 from shared.ids import new_id, new_ids
 from shared.models import BATCH_TERMINAL, BATCHES, QUERIES, Batch, Query, Tenant
 from shared.providers.config import Catalog
 from shared.queries import finalize_if_done
-from shared.settings import Settings, parse_window
+from shared.settings import Settings, TierLimits, parse_window
 from shared.usage import budget_for, month_to_date_cost
 from shared.webhooks.endpoints import check_webhook_url
 from workers.broker import enqueue_messages, query_message
@@ -145,6 +154,7 @@ def create_batch(
     tenant_id: str,
     payload: BatchCreate,
     idempotency_key: str | None = None,
+    limits: TierLimits | None = None,
 ) -> tuple[Batch, Counts, bool]:
     """Store and enqueue a batch. Returns (batch, counts, created); ``created`` is False for a replay."""
     fingerprint = request_fingerprint(payload) if idempotency_key else None
@@ -155,6 +165,8 @@ def create_batch(
                 return _replay(session, existing, fingerprint)
 
     _check_queries(payload, settings)
+    if limits is not None:
+        _check_tier(sessions, limits, tenant_id, payload)
     council = resolve_council(payload, catalog)
     metadata = _check_metadata(payload.metadata)
     if payload.webhook_url is not None:
@@ -232,6 +244,42 @@ def create_batch(
             session.execute(delete(BATCHES).where(col(Batch.id) == batch.id))
         raise DependencyDown("the queue is unavailable; nothing was stored, retry later") from exc
     return batch, Counts(total=batch.total, queued=batch.total), True
+
+
+PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2}
+
+
+def _check_tier(
+    sessions: sessionmaker[Session], limits: TierLimits, tenant_id: str, payload: BatchCreate
+) -> None:
+    if len(payload.queries) > limits.max_batch_queries:
+        raise PayloadTooLarge(
+            f"your tier allows batches of at most {limits.max_batch_queries} queries, got {len(payload.queries)}",
+            param="queries",
+        )
+    if PRIORITY_RANK[payload.priority] > PRIORITY_RANK[limits.max_priority]:
+        raise Forbidden(
+            f"your tier allows priority up to {limits.max_priority!r}, not {payload.priority!r}",
+            param="priority",
+        )
+    if limits.queries_per_day is None:
+        return
+    now = int(time.time())
+    day_start = now - now % 86400
+    with sessions() as session:
+        used = session.scalar(
+            select(func.coalesce(func.sum(col(Batch.total)), 0)).where(
+                col(Batch.tenant_id) == tenant_id, col(Batch.created_at) >= day_start
+            )
+        )
+    if int(used or 0) + len(payload.queries) > limits.queries_per_day:
+        left = max(0, limits.queries_per_day - int(used or 0))
+        raise RateLimited(
+            f"your tier allows {limits.queries_per_day} queries a day; {left} left today",
+            retry_after=day_start + 86400 - now,
+            param="queries",
+            type_="quota_exceeded",
+        )
 
 
 def _check_budget(sessions: sessionmaker[Session], settings: Settings, tenant_id: str) -> None:

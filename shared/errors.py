@@ -73,9 +73,11 @@ class RateLimited(ConclaveError):
     status = 429
     type = "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after: int, param: str | None = None):
+    def __init__(self, message: str, *, retry_after: int, param: str | None = None, type_: str | None = None):
         super().__init__(message, param=param)
         self.retry_after = retry_after
+        if type_:
+            self.type = type_
 
 
 class DependencyDown(ConclaveError):

@@ -33,6 +33,8 @@ class Tenant(SQLModel, table=True):
     previous_secret_expires_at: int | None = None
     # Overrides the tier's monthly budget; None = the tier's.
     monthly_budget_usd: float | None = None
+    # Overrides of the tier's limits (TierLimits field names), e.g. {"requests_per_minute": 120}.
+    limits: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     created_at: int
 
 
@@ -54,6 +56,7 @@ class Batch(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_batches_tenant_idempotency"),
         Index("ix_batches_tenant_status", "tenant_id", "status"),
+        Index("ix_batches_tenant_created", "tenant_id", "created_at"),
     )
 
     id: str = Field(primary_key=True, max_length=40)

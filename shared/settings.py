@@ -10,11 +10,33 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+
+
+class TierLimits(BaseModel):
+    """What a tier allows; a tenant's ``limits`` may override any field."""
+
+    requests_per_minute: int = Field(ge=1)  # per API key
+    queries_per_day: int | None = Field(default=None, ge=1)  # None = unlimited
+    max_batch_queries: int = Field(ge=1)
+    max_priority: Priority = "normal"
+
+
+DEFAULT_TIERS = {
+    "free": TierLimits(
+        requests_per_minute=60, queries_per_day=1_000, max_batch_queries=1_000, max_priority="normal"
+    ),
+    "pro": TierLimits(
+        requests_per_minute=600, queries_per_day=200_000, max_batch_queries=50_000, max_priority="high"
+    ),
+    "enterprise": TierLimits(
+        requests_per_minute=6_000, queries_per_day=None, max_batch_queries=50_000, max_priority="high"
+    ),
+}
 
 
 class Settings(BaseSettings):
@@ -52,6 +74,13 @@ class Settings(BaseSettings):
     call_max_attempts: int = Field(default=5, ge=1)
     min_answers: int = Field(default=2, ge=1)
 
+    # Limits per tier (JSON in CONCLAVE_TIERS); each tenant may override fields.
+    tiers: dict[str, TierLimits] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
+    # Per client IP, all requests (authentication failures count double); and what to trust for the IP.
+    ip_requests_per_minute: int = Field(default=1200, ge=1)
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    rate_limits_enabled: bool = True
+
     # Monthly budget per tier in USD (None = unlimited); a tenant's own budget overrides it.
     tier_monthly_budget_usd: dict[str, float | None] = Field(
         default={"free": 10.0, "pro": 1000.0, "enterprise": None}
@@ -73,6 +102,22 @@ class Settings(BaseSettings):
     def _schedule_non_negative(cls, value: list[int]) -> list[int]:
         if not value or any(v < 0 for v in value):
             raise ValueError("needs at least one delay, none negative")
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _parse_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
         return value
 
     @field_validator("default_completion_window")

@@ -11,14 +11,16 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from shared.errors import Unauthorized
+from shared.errors import NotFound, Unauthorized
 from shared.ids import new_id
 from shared.models import ApiKey, Tenant
+from shared.settings import Settings, TierLimits
 
 ROLES = ("admin", "user", "viewer")
 TIERS = ("free", "pro", "enterprise")
@@ -50,6 +52,15 @@ class Principal:
     key_id: str
     role: str
     is_operator: bool
+    tier: str = "free"
+    limit_overrides: dict[str, Any] | None = None
+
+    def limits(self, settings: Settings) -> TierLimits:
+        """The tier's limits with this tenant's overrides applied."""
+        base = settings.tiers.get(self.tier) or settings.tiers["free"]
+        if not self.limit_overrides:
+            return base
+        return base.model_copy(update=self.limit_overrides)
 
 
 def issue_key(
@@ -74,17 +85,7 @@ def issue_key(
         )
         session.add(tenant)
         session.flush()
-    api_key = KEY_PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey(
-        id=new_id("key"),
-        tenant_id=tenant.id,
-        role=role,
-        key_hash=hash_key(api_key),
-        prefix=api_key[:12],
-        created_at=now,
-    )
-    session.add(key)
-    session.flush()
+    api_key, key = create_key(session, tenant.id, role)
     return IssuedKey(api_key, tenant.id, key.id, tenant.webhook_secret, created)
 
 
@@ -98,10 +99,63 @@ def authenticate(session: Session, api_key: str | None) -> Principal:
             col(ApiKey.role),
             col(ApiKey.revoked_at),
             col(Tenant.is_operator),
+            col(Tenant.tier),
+            col(Tenant.limits),
         )
         .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
         .where(col(ApiKey.key_hash) == hash_key(api_key))
     ).first()
     if row is None or row.revoked_at is not None:
         raise Unauthorized("invalid API key")
-    return Principal(tenant_id=row.tenant_id, key_id=row.id, role=row.role, is_operator=row.is_operator)
+    return Principal(
+        tenant_id=row.tenant_id,
+        key_id=row.id,
+        role=row.role,
+        is_operator=row.is_operator,
+        tier=row.tier,
+        limit_overrides=row.limits,
+    )
+
+
+def key_object(key: ApiKey) -> dict[str, Any]:
+    """A key as listed: never the key itself (only its first characters, to recognise it)."""
+    return {
+        "id": key.id,
+        "object": "api_key",
+        "role": key.role,
+        "prefix": key.prefix,
+        "created_at": key.created_at,
+        "revoked_at": key.revoked_at,
+    }
+
+
+def create_key(session: Session, tenant_id: str, role: str) -> tuple[str, ApiKey]:
+    """A new key for an existing tenant. Returns (the key, shown once; its row)."""
+    api_key = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=new_id("key"),
+        tenant_id=tenant_id,
+        role=role,
+        key_hash=hash_key(api_key),
+        prefix=api_key[:12],
+        created_at=int(time.time()),
+    )
+    session.add(key)
+    session.flush()
+    return api_key, key
+
+
+def list_keys(session: Session, tenant_id: str) -> list[ApiKey]:
+    return list(
+        session.scalars(select(ApiKey).where(col(ApiKey.tenant_id) == tenant_id).order_by(col(ApiKey.id)))
+    )
+
+
+def revoke_key(session: Session, tenant_id: str, key_id: str) -> ApiKey:
+    key = session.get(ApiKey, key_id)
+    if key is None or key.tenant_id != tenant_id:
+        raise NotFound(f"no API key {key_id!r}", param="key_id")
+    if key.revoked_at is None:
+        key.revoked_at = int(time.time())
+        session.flush()
+    return key

@@ -150,6 +150,8 @@ def settings(
         sim_provider_url=sim_server.url,
         providers_file=tmp_path_factory.mktemp("cfg") / "absent-providers.toml",
         environment="test",
+        # Every test request comes from 127.0.0.1: the per-IP limit is tested on its own.
+        ip_requests_per_minute=1_000_000,
         _env_file=None,  # type: ignore[call-arg]
     )
 
@@ -165,6 +167,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CONCLAVE_LOG_LEVEL": "WARNING",
         # Test receivers listen on 127.0.0.1; refusal of private addresses is tested in-process.
         "CONCLAVE_WEBHOOK_ALLOW_PRIVATE": "true",
+        "CONCLAVE_IP_REQUESTS_PER_MINUTE": str(settings.ip_requests_per_minute),
     }
 
 

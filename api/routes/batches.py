@@ -52,6 +52,7 @@ async def create_batch(
         tenant_id=principal.tenant_id,
         payload=payload,
         idempotency_key=idempotency_key,
+        limits=principal.limits(state.settings),
     )
     return JSONBytes(batches.batch_object(batch, counts), status_code=202)
 

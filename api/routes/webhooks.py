@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from api.deps import PrincipalDep, SessionDep, StateDep, WriterDep
+from api.deps import AdminDep, PrincipalDep, SessionDep, StateDep
 from api.responses import JSONBytes
 from api.routes.batches import _ERRORS
 from shared.webhooks import endpoints
@@ -31,7 +31,7 @@ def _page(rows: list[dict], has_more: bool) -> dict:
 
 
 @router.post("/v1/webhooks", status_code=201, responses=_ERRORS)
-def register_webhook(body: EndpointIn, state: StateDep, principal: WriterDep) -> JSONBytes:
+def register_webhook(body: EndpointIn, state: StateDep, principal: AdminDep) -> JSONBytes:
     with state.sessions.begin() as session:
         endpoint = endpoints.register_endpoint(
             session,
@@ -50,19 +50,19 @@ def list_webhooks(session: SessionDep, principal: PrincipalDep) -> JSONBytes:
 
 
 @router.delete("/v1/webhooks/{webhook_id}", responses=_ERRORS)
-def delete_webhook(webhook_id: str, state: StateDep, principal: WriterDep) -> JSONBytes:
+def delete_webhook(webhook_id: str, state: StateDep, principal: AdminDep) -> JSONBytes:
     with state.sessions.begin() as session:
         endpoints.delete_endpoint(session, principal.tenant_id, webhook_id)
     return JSONBytes({"id": webhook_id, "object": "webhook_endpoint", "deleted": True})
 
 
 @router.get("/v1/webhook-secret", responses=_ERRORS)
-def get_secret(session: SessionDep, principal: WriterDep) -> JSONBytes:
+def get_secret(session: SessionDep, principal: AdminDep) -> JSONBytes:
     return JSONBytes({"secret": endpoints.current_secret(session, principal.tenant_id)})
 
 
 @router.post("/v1/webhook-secret/rotate", responses=_ERRORS)
-def rotate_secret(state: StateDep, principal: WriterDep) -> JSONBytes:
+def rotate_secret(state: StateDep, principal: AdminDep) -> JSONBytes:
     with state.sessions.begin() as session:
         secret, old_expires_at = endpoints.rotate_secret(session, principal.tenant_id)
     return JSONBytes({"secret": secret, "previous_secret_expires_at": old_expires_at})
@@ -83,7 +83,7 @@ def list_deliveries(
 
 
 @router.post("/v1/webhooks/deliveries/{delivery_id}/redeliver", responses=_ERRORS)
-def redeliver(delivery_id: str, state: StateDep, principal: WriterDep) -> JSONBytes:
+def redeliver(delivery_id: str, state: StateDep, principal: AdminDep) -> JSONBytes:
     with state.sessions.begin() as session:
         delivery = endpoints.redeliver(session, principal.tenant_id, delivery_id)
         return JSONBytes(endpoints.delivery_object(delivery))
