@@ -10,6 +10,7 @@ from typing import Annotated
 
 from dramatiq.brokers.redis import RedisBroker
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -59,7 +60,15 @@ def _bearer(request: Request) -> str | None:
     return token.strip()
 
 
-def get_principal(request: Request, state: StateDep) -> Principal:
+# Declared so the OpenAPI document states how to authenticate; the header is read in _bearer.
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+
+
+def get_principal(
+    request: Request,
+    state: StateDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
+) -> Principal:
     try:
         with state.sessions() as session:
             principal = authenticate(session, _bearer(request))

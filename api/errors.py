@@ -7,6 +7,7 @@ Nothing else in the API builds an error body; a stack trace never reaches a clie
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -82,12 +83,29 @@ async def _validation_error(_: Request, exc: Exception) -> JSONBytes:
     return error_response(422, "invalid_request_error", f"{param}: {message}" if param else message, param)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONBytes:
+async def _http_error(request: Request, exc: Exception) -> JSONBytes:
     assert isinstance(exc, StarletteHTTPException)
     type_ = _HTTP_TYPES.get(
         exc.status_code, "invalid_request_error" if exc.status_code < 500 else "api_error"
     )
-    return error_response(exc.status_code, type_, str(exc.detail), headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        # Starlette names only the first route that matched the path; Allow must list them all.
+        headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
+    return error_response(exc.status_code, type_, str(exc.detail), headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    """The methods the OpenAPI document lists for this path (the router nests included routers)."""
+    path = request.url.path
+    paths = request.app.openapi().get("paths", {})
+    if path in paths:  # a literal path wins over templates it also fits (/v1/webhooks/deliveries)
+        return {m.upper() for m in paths[path]}
+    methods: set[str] = set()
+    for template, operations in paths.items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path):
+            methods |= {m.upper() for m in operations}
+    return methods
 
 
 async def _database_down(_: Request, exc: Exception) -> JSONBytes:

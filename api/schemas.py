@@ -46,11 +46,11 @@ class KnowledgeIn(BaseModel):
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    queries: list[QueryIn]
+    queries: list[QueryIn] = Field(min_length=1)
     priority: Literal["high", "normal", "low"] = "normal"
     council: CouncilIn | None = None
     knowledge: KnowledgeIn | None = None
-    webhook_url: str | None = Field(default=None, max_length=2048)
+    webhook_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://[^/?#\s]+")
     metadata: dict[str, str] | None = None
     completion_window: str | None = None
 

@@ -15,6 +15,8 @@ from shared.errors import InvalidField
 from shared.usage import month_start, usage_report
 
 router = APIRouter(tags=["usage"])
+# Unix seconds, or an ISO 8601 date with an optional time and zone.
+INSTANT = r"^(\d{1,12}|\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?)$"
 
 
 def parse_instant(value: str | None, param: str, default: int) -> int:
@@ -36,13 +38,13 @@ def parse_instant(value: str | None, param: str, default: int) -> int:
 def usage(
     session: SessionDep,
     principal: PrincipalDep,
-    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-    to: Annotated[str | None, Query(max_length=40)] = None,
+    from_: Annotated[str | None, Query(alias="from", max_length=40, pattern=INSTANT)] = None,
+    to: Annotated[str | None, Query(max_length=40, pattern=INSTANT)] = None,
     group_by: Literal["day", "provider", "model"] | None = None,
 ) -> JSONBytes:
     now = int(time.time())
     start = parse_instant(from_, "from", month_start(now))
     end = parse_instant(to, "to", now + 1)
-    if end <= start:
-        raise InvalidField("'to' must be after 'from'", param="to")
+    # An empty or reversed range is simply empty, not an error.
+    end = max(end, start)
     return JSONBytes(usage_report(session, principal.tenant_id, start, end, group_by))

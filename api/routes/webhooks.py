@@ -15,9 +15,14 @@ from shared.webhooks import endpoints
 router = APIRouter(tags=["webhooks"])
 
 
+EventType = Literal[
+    "batch.completed", "batch.cancelled", "batch.expired", "cost.budget_exceeded", "cost.daily_summary", "*"
+]
+
+
 class EndpointIn(BaseModel):
-    url: str = Field(max_length=2048)
-    events: list[str] = Field(min_length=1, max_length=16)
+    url: str = Field(max_length=2048, pattern=r"^https?://[^/?#\s]+")
+    events: list[EventType] = Field(min_length=1, max_length=16)
 
 
 def _page(rows: list[dict], has_more: bool) -> dict:
@@ -37,7 +42,7 @@ def register_webhook(body: EndpointIn, state: StateDep, principal: AdminDep) -> 
             session,
             principal.tenant_id,
             body.url,
-            body.events,
+            [str(e) for e in body.events],
             allow_private=state.settings.webhook_allow_private,
         )
         return JSONBytes(endpoints.endpoint_object(endpoint), status_code=201)
@@ -47,13 +52,6 @@ def register_webhook(body: EndpointIn, state: StateDep, principal: AdminDep) -> 
 def list_webhooks(session: SessionDep, principal: PrincipalDep) -> JSONBytes:
     rows = [endpoints.endpoint_object(e) for e in endpoints.list_endpoints(session, principal.tenant_id)]
     return JSONBytes(_page(rows, False))
-
-
-@router.delete("/v1/webhooks/{webhook_id}", responses=_ERRORS)
-def delete_webhook(webhook_id: str, state: StateDep, principal: AdminDep) -> JSONBytes:
-    with state.sessions.begin() as session:
-        endpoints.delete_endpoint(session, principal.tenant_id, webhook_id)
-    return JSONBytes({"id": webhook_id, "object": "webhook_endpoint", "deleted": True})
 
 
 @router.get("/v1/webhook-secret", responses=_ERRORS)
@@ -87,3 +85,11 @@ def redeliver(delivery_id: str, state: StateDep, principal: AdminDep) -> JSONByt
     with state.sessions.begin() as session:
         delivery = endpoints.redeliver(session, principal.tenant_id, delivery_id)
         return JSONBytes(endpoints.delivery_object(delivery))
+
+
+# Declared last: a path parameter would otherwise also match /v1/webhooks/deliveries.
+@router.delete("/v1/webhooks/{webhook_id}", responses=_ERRORS)
+def delete_webhook(webhook_id: str, state: StateDep, principal: AdminDep) -> JSONBytes:
+    with state.sessions.begin() as session:
+        endpoints.delete_endpoint(session, principal.tenant_id, webhook_id)
+    return JSONBytes({"id": webhook_id, "object": "webhook_endpoint", "deleted": True})
