@@ -25,6 +25,8 @@ from shared.stack import Stack, redis_reachable
 from shared.tenants import issue_key
 
 IN_CI = bool(os.environ.get("CI"))
+# Every API key and webhook secret the suite creates through new_key; none may ever be logged.
+CREATED_SECRETS: set[str] = set()
 REDIS_URL = os.environ.get("CONCLAVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get(
     "CONCLAVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -164,7 +166,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CONCLAVE_SIM_PROVIDER_URL": settings.sim_provider_url,
         "CONCLAVE_PROVIDERS_FILE": str(settings.providers_file),
         "CONCLAVE_ENVIRONMENT": "test",
-        "CONCLAVE_LOG_LEVEL": "WARNING",
+        # INFO, so the secrets check below reads what an operator's logs would hold.
+        "CONCLAVE_LOG_LEVEL": "INFO",
         # Test receivers listen on 127.0.0.1; refusal of private addresses is tested in-process.
         "CONCLAVE_WEBHOOK_ALLOW_PRIVATE": "true",
         "CONCLAVE_IP_REQUESTS_PER_MINUTE": str(settings.ip_requests_per_minute),
