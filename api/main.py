@@ -14,7 +14,7 @@ from api.deps import AppState
 from api.errors import install_error_handlers
 from api.middleware import Guards
 from api.ratelimit import SlidingWindow
-from api.routes import admin, batches, health, keys, queries, usage, webhooks
+from api.routes import admin, batches, health, keys, knowledge, queries, usage, webhooks
 from shared.db import make_engine, make_sessionmaker
 from shared.providers.config import load_catalog
 from shared.settings import Settings, get_settings
@@ -43,6 +43,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Guards, settings=settings, limiter=limiter)
     app.state.conclave = state
     install_error_handlers(app)
-    for module in (health, batches, queries, webhooks, usage, keys, admin):
+    for module in (health, batches, queries, webhooks, usage, keys, knowledge, admin):
         app.include_router(module.router)
     return app

@@ -22,13 +22,14 @@ from scheduler.jobs.reconcile import Reconciler
 from scheduler.jobs.webhooks import Dispatcher
 from scheduler.leader import LeaderLock
 from shared.db import make_engine, make_sessionmaker, upgrade
+from shared.knowledge.feeds import import_due_feeds
 from shared.settings import Settings, get_settings
 from workers.broker import make_broker
 
 log = logging.getLogger("conclave.scheduler")
 
 # Seconds between runs of each job.
-INTERVALS = {"webhooks": 1, "reconcile": 5, "expiry": 10, "budgets": 60, "daily_summary": 300}
+INTERVALS = {"webhooks": 1, "reconcile": 5, "expiry": 10, "budgets": 60, "daily_summary": 300, "feeds": 5}
 
 
 def leader_only(lock: LeaderLock, name: str, job: Callable[[], Any]) -> Callable[[], None]:
@@ -57,6 +58,12 @@ def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
         "expiry": lambda: expire_batches(sessions),
         "budgets": lambda: budget_checks(sessions, settings),
         "daily_summary": lambda: daily_summaries(sessions),
+        "feeds": lambda: import_due_feeds(
+            sessions,
+            allow_private=settings.webhook_allow_private,
+            timeout_s=settings.feed_fetch_timeout_s,
+            max_bytes=settings.feed_max_bytes,
+        ),
     }
     scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
     scheduler.add_job(lock.tick, "interval", seconds=lock.ttl_ms / 3000, id="leader")

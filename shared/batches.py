@@ -254,7 +254,8 @@ def _check_tier(
 ) -> None:
     if len(payload.queries) > limits.max_batch_queries:
         raise PayloadTooLarge(
-            f"your tier allows batches of at most {limits.max_batch_queries} queries, got {len(payload.queries)}",
+            f"your tier allows batches of at most {limits.max_batch_queries} queries, "
+            f"got {len(payload.queries)}",
             param="queries",
         )
     if PRIORITY_RANK[payload.priority] > PRIORITY_RANK[limits.max_priority]:

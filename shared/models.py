@@ -195,6 +195,61 @@ class Notice(SQLModel, table=True):
     created_at: int
 
 
+class Feed(SQLModel, table=True):
+    """An RSS/Atom feed a tenant's admins follow (SPEC §8); imported on its interval."""
+
+    __tablename__ = "feeds"
+    __table_args__ = (Index("ix_feeds_due", "next_fetch_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=40)
+    url: str = Field(max_length=2048)
+    domain: str = Field(max_length=64)
+    interval_minutes: int
+    etag: str | None = Field(default=None, max_length=512)
+    last_modified: str | None = Field(default=None, max_length=128)
+    last_fetched_at: int | None = None
+    last_success_at: int | None = None
+    last_error: str | None = Field(default=None, max_length=512)
+    consecutive_failures: int = 0
+    next_fetch_at: int
+    created_at: int
+
+
+class Article(SQLModel, table=True):
+    __tablename__ = "articles"
+    __table_args__ = (
+        UniqueConstraint("feed_id", "guid", name="uq_articles_feed_guid"),
+        Index("ix_articles_tenant_domain", "tenant_id", "domain"),
+        Index("ix_articles_feed_hash", "feed_id", "content_hash"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    feed_id: str = Field(foreign_key="feeds.id", max_length=40)
+    tenant_id: str = Field(max_length=40)
+    domain: str = Field(max_length=64)
+    guid: str = Field(max_length=1000)
+    title: str
+    link: str | None = Field(default=None, max_length=2048)
+    published_at: int | None = None
+    content: str
+    content_hash: str = Field(max_length=64)
+    created_at: int
+    updated_at: int
+
+
+class ArticleVersion(SQLModel, table=True):
+    """Every content an article has had, oldest first; the article row holds the latest."""
+
+    __tablename__ = "article_versions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    article_id: str = Field(foreign_key="articles.id", index=True, max_length=40)
+    content: str
+    content_hash: str = Field(max_length=64)
+    fetched_at: int
+
+
 # Core table handles for bulk statements (typed: SQLModel does not declare ``__table__``).
 QUERIES: Table = Query.__table__  # type: ignore[attr-defined]
 BATCHES: Table = Batch.__table__  # type: ignore[attr-defined]

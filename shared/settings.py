@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=200_000, ge=1)
     default_completion_window: str = "24h"
 
+    # Knowledge feeds: limits of one fetch.
+    feed_fetch_timeout_s: float = Field(default=20.0, gt=0)
+    feed_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+
     # Workers
     queue_namespace: str = "conclave"
     # How long a worker holds a query before someone else may take it over (reconciliation).

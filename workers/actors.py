@@ -20,12 +20,14 @@ import redis.asyncio as aioredis
 from dramatiq.asyncio import get_event_loop_thread
 
 from shared.db import make_engine, make_sessionmaker
+from shared.knowledge.grounding import ground
 from shared.providers.config import load_catalog
 from shared.providers.http import make_client
 from shared.providers.registry import build_providers
 from shared.queries import CallRecord, batch_config, claim_query, finalize_if_done, record_outcome
 from shared.settings import PRIORITIES, get_settings
 from workers.broker import ACTOR_NAMES, ACTOR_PRIORITY, install_broker
+from workers.council import KnowledgeSnippet
 from workers.heartbeat import WorkerHeartbeat, worker_identity
 from workers.routing import route
 from workers.runner import Runner
@@ -102,7 +104,10 @@ def process_query(query_id: str) -> None:
         claimed = claim_query(session, query_id, ctx.worker_id, ctx.settings.query_lease_seconds, now)
         if claimed is None:
             return  # finished, cancelled, or held by a live worker: nothing to do
-        council, _knowledge = ctx.batch(session, claimed.batch_id)
+        council, knowledge = ctx.batch(session, claimed.batch_id)
+        snippets = (
+            ground(session, claimed.tenant_id, claimed.request["messages"], knowledge) if knowledge else []
+        )
 
     started = time.perf_counter()
     calls: list[CallRecord] = []
@@ -116,10 +121,13 @@ def process_query(query_id: str) -> None:
     try:
         loop = get_event_loop_thread()
         assert loop is not None, "the AsyncIO middleware starts the event loop at worker boot"
-        result = loop.run_coroutine(ctx.runner.run(claimed.id, claimed.request, spec, calls=calls))
+        grounding = tuple(KnowledgeSnippet(s["id"], s["title"], s["content"]) for s in snippets)
+        result = loop.run_coroutine(
+            ctx.runner.run(claimed.id, claimed.request, spec, knowledge=grounding, calls=calls)
+        )
         status, error = result.status, result.error
         record = result.to_dict()
-        record["citations"] = []
+        record["citations"] = [s["id"] for s in snippets]
         if ctx.catalog.simulated:
             record["simulated"] = True
     except Exception:

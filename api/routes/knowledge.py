@@ -1,0 +1,93 @@
+"""``/v1/knowledge``: feeds (admin) and articles with ranked full-text search (SPEC §8)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlmodel import col
+
+from api.deps import AdminDep, PrincipalDep, SessionDep, StateDep
+from api.responses import JSONBytes
+from api.routes.batches import _ERRORS
+from shared.knowledge import feeds
+from shared.knowledge.search import search_articles
+from shared.models import Article
+
+router = APIRouter(prefix="/v1/knowledge", tags=["knowledge"])
+
+
+class FeedIn(BaseModel):
+    url: str = Field(max_length=2048, pattern=r"^https?://[^/?#\s]+")
+    domain: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    interval_minutes: int = Field(default=60, ge=5, le=7 * 24 * 60)
+
+
+def _list(rows: list[dict]) -> dict:
+    return {
+        "object": "list",
+        "data": rows,
+        "has_more": False,
+        "first_id": rows[0]["id"] if rows else None,
+        "last_id": rows[-1]["id"] if rows else None,
+    }
+
+
+@router.post("/feeds", status_code=201, responses=_ERRORS)
+def add_feed(body: FeedIn, state: StateDep, principal: AdminDep) -> JSONBytes:
+    with state.sessions.begin() as session:
+        feed = feeds.add_feed(
+            session,
+            principal.tenant_id,
+            body.url,
+            body.domain,
+            body.interval_minutes,
+            allow_private=state.settings.webhook_allow_private,
+        )
+        return JSONBytes(feeds.feed_object(feed), status_code=201)
+
+
+@router.get("/feeds", responses=_ERRORS)
+def list_feeds(session: SessionDep, principal: PrincipalDep) -> JSONBytes:
+    return JSONBytes(_list([feeds.feed_object(f) for f in feeds.list_feeds(session, principal.tenant_id)]))
+
+
+@router.post("/feeds/{feed_id}/import", status_code=202, responses=_ERRORS)
+def import_now(feed_id: str, state: StateDep, principal: AdminDep) -> JSONBytes:
+    with state.sessions.begin() as session:
+        return JSONBytes(
+            feeds.feed_object(feeds.request_import(session, principal.tenant_id, feed_id)), status_code=202
+        )
+
+
+@router.delete("/feeds/{feed_id}", responses=_ERRORS)
+def delete_feed(feed_id: str, state: StateDep, principal: AdminDep) -> JSONBytes:
+    with state.sessions.begin() as session:
+        feeds.remove_feed(session, principal.tenant_id, feed_id)
+    return JSONBytes({"id": feed_id, "object": "feed", "deleted": True})
+
+
+@router.get("/articles", responses=_ERRORS)
+def list_articles(
+    session: SessionDep,
+    principal: PrincipalDep,
+    q: Annotated[str | None, Query(max_length=500)] = None,
+    domain: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JSONBytes:
+    if q:
+        found = search_articles(session, principal.tenant_id, q, domain=domain, limit=limit)
+        rows = [{k: v for k, v in r.items() if k != "content"} | {"object": "article"} for r in found]
+        return JSONBytes(_list(rows))
+    stmt = select(Article).where(col(Article.tenant_id) == principal.tenant_id)
+    if domain:
+        stmt = stmt.where(col(Article.domain) == domain)
+    articles = session.scalars(stmt.order_by(col(Article.published_at).desc(), col(Article.id)).limit(limit))
+    return JSONBytes(_list([feeds.article_object(a) for a in articles]))
+
+
+@router.get("/articles/{article_id}", responses=_ERRORS)
+def get_article(article_id: str, session: SessionDep, principal: PrincipalDep) -> JSONBytes:
+    return JSONBytes(feeds.get_article(session, principal.tenant_id, article_id))
