@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.ratelimit import SlidingWindow
 from shared.errors import Forbidden, RateLimited, Unauthorized
+from shared.metrics import MetricsBuffer
 from shared.providers.config import Catalog
 from shared.settings import Settings
 from shared.tenants import Principal, authenticate
@@ -32,6 +33,7 @@ class AppState:
     broker: RedisBroker
     catalog: Catalog
     limiter: SlidingWindow | None = None
+    metrics: MetricsBuffer | None = None
 
 
 def get_state(request: Request) -> AppState:
@@ -86,6 +88,8 @@ def get_principal(
             return principal  # Redis down: serve rather than refuse; the queue will say if it matters
         request.scope.setdefault("state", {})["ratelimit"] = verdict
         if not verdict.admitted:
+            if state.metrics is not None:
+                state.metrics.inc("rate_limit_rejections", "key")
             raise RateLimited(
                 f"this key is limited to {limit} requests per minute", retry_after=max(1, verdict.reset_s)
             )

@@ -14,8 +14,9 @@ from api.deps import AppState
 from api.errors import install_error_handlers
 from api.middleware import Guards
 from api.ratelimit import SlidingWindow
-from api.routes import admin, batches, health, keys, knowledge, queries, usage, webhooks
+from api.routes import admin, batches, health, keys, knowledge, metrics, queries, usage, webhooks
 from shared.db import make_engine, make_sessionmaker
+from shared.metrics import MetricsBuffer
 from shared.providers.config import load_catalog
 from shared.settings import Settings, get_settings
 from workers.broker import make_broker
@@ -27,12 +28,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.database_url, pool_size=20)
     broker = make_broker(settings.redis_url, settings.queue_namespace)
     limiter = SlidingWindow(broker.client, settings.queue_namespace) if settings.rate_limits_enabled else None
+    metrics_buffer = MetricsBuffer(broker.client, settings.queue_namespace)
     state = AppState(
         settings=settings,
         sessions=make_sessionmaker(engine),
         broker=broker,
         catalog=load_catalog(settings.providers_file, settings.sim_provider_url),
         limiter=limiter,
+        metrics=metrics_buffer,
     )
     app = FastAPI(
         title="Conclave",
@@ -40,9 +43,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Batches of LLM council queries.",
         max_body_size=settings.max_request_bytes,
     )
-    app.add_middleware(Guards, settings=settings, limiter=limiter)
+    app.add_middleware(Guards, settings=settings, limiter=limiter, metrics=metrics_buffer)
     app.state.conclave = state
     install_error_handlers(app)
-    for module in (health, batches, queries, webhooks, usage, keys, knowledge, admin):
+    for module in (health, metrics, batches, queries, webhooks, usage, keys, knowledge, admin):
         app.include_router(module.router)
     return app

@@ -14,6 +14,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.ratelimit import SlidingWindow, Verdict, client_ip
+from shared.metrics import MetricsBuffer
 from shared.settings import Settings
 
 UNLIMITED_PATHS = ("/healthz", "/readyz", "/metrics")
@@ -24,10 +25,17 @@ def _error(status: int, type_: str, message: str, param: str | None = None) -> b
 
 
 class Guards:
-    def __init__(self, app: ASGIApp, settings: Settings, limiter: SlidingWindow | None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        limiter: SlidingWindow | None,
+        metrics: MetricsBuffer | None = None,
+    ):
         self.app = app
         self.settings = settings
         self.limiter = limiter
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,6 +57,8 @@ class Guards:
                 self.limiter.hit, "ip", state["client_ip"], self.settings.ip_requests_per_minute
             )
             if not verdict.admitted:
+                if self.metrics is not None:
+                    self.metrics.inc("rate_limit_rejections", "ip")
                 await self._reply(
                     send, 429, _error(429, "rate_limit_error", "too many requests from this address"), verdict
                 )

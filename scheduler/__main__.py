@@ -23,6 +23,7 @@ from scheduler.jobs.webhooks import Dispatcher
 from scheduler.leader import LeaderLock
 from shared.db import make_engine, make_sessionmaker, upgrade
 from shared.knowledge.feeds import import_due_feeds
+from shared.metrics import MetricsBuffer
 from shared.settings import Settings, get_settings
 from workers.broker import make_broker
 
@@ -52,7 +53,10 @@ def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
     )
     jobs: dict[str, Callable[[], Any]] = {
         "webhooks": Dispatcher(
-            sessions, schedule=settings.webhook_retry_schedule, allow_private=settings.webhook_allow_private
+            sessions,
+            schedule=settings.webhook_retry_schedule,
+            allow_private=settings.webhook_allow_private,
+            metrics=MetricsBuffer(broker.client, settings.queue_namespace),
         ).run,
         "reconcile": Reconciler(sessions, broker).run,
         "expiry": lambda: expire_batches(sessions),

@@ -21,6 +21,7 @@ from dramatiq.asyncio import get_event_loop_thread
 
 from shared.db import make_engine, make_sessionmaker
 from shared.knowledge.grounding import ground
+from shared.metrics import MetricsBuffer
 from shared.providers.config import load_catalog
 from shared.providers.http import make_client
 from shared.providers.registry import build_providers
@@ -36,8 +37,11 @@ log = logging.getLogger("conclave.worker")
 settings = get_settings()
 broker = install_broker(settings.redis_url, settings.queue_namespace)
 WORKER_ID = worker_identity(broker)
+METRICS = MetricsBuffer(redis.Redis.from_url(settings.redis_url), settings.queue_namespace)
 broker.add_middleware(
-    WorkerHeartbeat(redis.Redis.from_url(settings.redis_url), settings.queue_namespace, WORKER_ID)
+    WorkerHeartbeat(
+        redis.Redis.from_url(settings.redis_url), settings.queue_namespace, WORKER_ID, METRICS.flush
+    )
 )
 
 
@@ -149,6 +153,7 @@ def process_query(query_id: str) -> None:
             latency_ms=latency_ms,
             now=finished,
         )
+    record_metrics(calls, status)
     if not written:
         log.warning("query %s was taken over before it finished; its outcome was not written", claimed.id)
         return
@@ -156,6 +161,20 @@ def process_query(query_id: str) -> None:
         final = finalize_if_done(session, claimed.batch_id, now=finished)
     if final:
         log.info("batch %s %s", claimed.batch_id, final)
+
+
+def record_metrics(calls: list[CallRecord], status: str) -> None:
+    for call in calls:
+        provider = call.model.partition(":")[0]
+        METRICS.observe_latency(provider, call.model, call.latency_ms / 1000)
+        if call.status == "failed":
+            METRICS.inc("provider_call_errors", provider, call.error_category or "unknown")
+        if call.input_tokens or call.output_tokens:
+            METRICS.inc("tokens", provider, call.model, "input", value=call.input_tokens)
+            METRICS.inc("tokens", provider, call.model, "output", value=call.output_tokens)
+        if call.cost_usd:
+            METRICS.inc("cost_usd", provider, call.model, value=call.cost_usd)
+    METRICS.inc("queries_finished", status)
 
 
 def _price(ctx: WorkerContext, model: str) -> float:

@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
@@ -26,7 +27,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 log = logging.getLogger("conclave.worker")
 
-HEARTBEAT_S = 5.0
+HEARTBEAT_S = 2.0
 DEAD_AFTER_S = 30
 
 
@@ -66,10 +67,14 @@ def dead_workers(client: redis.Redis, namespace: str, worker_ids: set[str], now:
 
 
 class WorkerHeartbeat(dramatiq.Middleware):
-    def __init__(self, client: redis.Redis, namespace: str, worker_id: str):
+    def __init__(
+        self, client: redis.Redis, namespace: str, worker_id: str, on_beat: Callable[[], None] | None = None
+    ):
         self.client = client
         self.namespace = namespace
         self.worker_id = worker_id
+        # Also run on every beat (the worker's metrics flush), so nothing waits for the next query.
+        self.on_beat = on_beat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -87,6 +92,8 @@ class WorkerHeartbeat(dramatiq.Middleware):
         while not self._stop.is_set():
             try:
                 beat(self.client, self.namespace, self.worker_id)
+                if self.on_beat is not None:
+                    self.on_beat()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", type(exc).__name__)
             self._stop.wait(HEARTBEAT_S)

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
 from shared.db import affected
+from shared.metrics import MetricsBuffer
 from shared.models import Tenant, WebhookDelivery, WebhookEndpoint
 from shared.webhooks.delivery import AttemptResult, attempt_delivery, make_delivery_client
 from shared.webhooks.signing import webhook_headers
@@ -68,7 +69,9 @@ class Dispatcher:
         schedule: list[int],
         allow_private: bool,
         rng: random.Random | None = None,
+        metrics: MetricsBuffer | None = None,
     ):
+        self.metrics = metrics
         self.sessions = sessions
         self.schedule = schedule
         self.allow_private = allow_private
@@ -86,6 +89,10 @@ class Dispatcher:
         with self.sessions.begin() as session:
             for delivery, result in zip(due, results, strict=True):
                 self._record(session, delivery, result, int(time.time()))
+        if self.metrics is not None:
+            for result in results:
+                self.metrics.inc("webhook_deliveries", result.outcome)
+            self.metrics.flush()
         return len(due)
 
     def _claim(self, now: int) -> list[Due]:
