@@ -19,12 +19,14 @@ from shared.db import make_engine, make_sessionmaker
 from shared.metrics import MetricsBuffer
 from shared.providers.config import load_catalog
 from shared.settings import Settings, get_settings
+from shared.tracing import setup_tracing
 from workers.broker import make_broker
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)
+    setup_tracing(settings, "conclave-api")
     engine = make_engine(settings.database_url, pool_size=20)
     broker = make_broker(settings.redis_url, settings.queue_namespace)
     limiter = SlidingWindow(broker.client, settings.queue_namespace) if settings.rate_limits_enabled else None

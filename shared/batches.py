@@ -155,6 +155,7 @@ def create_batch(
     payload: BatchCreate,
     idempotency_key: str | None = None,
     limits: TierLimits | None = None,
+    trace: dict[str, str] | None = None,
 ) -> tuple[Batch, Counts, bool]:
     """Store and enqueue a batch. Returns (batch, counts, created); ``created`` is False for a replay."""
     fingerprint = request_fingerprint(payload) if idempotency_key else None
@@ -233,7 +234,7 @@ def create_batch(
             return _replay(session, existing, fingerprint)
 
     try:
-        enqueue_messages(broker, (query_message(qid, payload.priority) for qid in query_ids))
+        enqueue_messages(broker, (query_message(qid, payload.priority, trace) for qid in query_ids))
     except RedisError as exc:
         log.warning(
             "enqueue of batch %s failed (%s: %s); removing its rows", batch.id, type(exc).__name__, exc

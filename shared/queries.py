@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import insert, or_, select, update
@@ -58,6 +58,13 @@ class CallRecord:
     output_tokens: int
     cost_usd: float
     created_at: int
+    # When the attempt ended (ns since the epoch): for trace spans, not stored.
+    ended_ns: int = field(default=0, compare=False)
+
+    def row(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["ended_ns"]
+        return data
 
 
 def claim_query(
@@ -120,7 +127,7 @@ def record_outcome(
             insert(PROVIDER_CALLS),
             [
                 {
-                    **asdict(c),
+                    **c.row(),
                     "query_id": claimed.id,
                     "batch_id": claimed.batch_id,
                     "tenant_id": claimed.tenant_id,

@@ -18,6 +18,7 @@ import dramatiq
 import redis
 import redis.asyncio as aioredis
 from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.middleware import CurrentMessage
 
 from shared.db import make_engine, make_sessionmaker
 from shared.knowledge.grounding import ground
@@ -27,11 +28,13 @@ from shared.providers.http import make_client
 from shared.providers.registry import build_providers
 from shared.queries import CallRecord, batch_config, claim_query, finalize_if_done, record_outcome
 from shared.settings import PRIORITIES, get_settings
+from shared.tracing import extract, setup_tracing, tracer
 from workers.broker import ACTOR_NAMES, ACTOR_PRIORITY, install_broker
 from workers.council import KnowledgeSnippet
 from workers.heartbeat import WorkerHeartbeat, worker_identity
 from workers.routing import route
 from workers.runner import Runner
+from workers.spans import record_call_spans
 
 log = logging.getLogger("conclave.worker")
 settings = get_settings()
@@ -52,6 +55,7 @@ class WorkerContext:
 
     def __init__(self) -> None:
         self.settings = settings
+        setup_tracing(settings, "conclave-worker")
         self.sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=16))
         self.catalog = load_catalog(settings.providers_file, settings.sim_provider_url)
         self.runner = Runner(
@@ -101,7 +105,7 @@ def context() -> WorkerContext:
     return _context
 
 
-def process_query(query_id: str) -> None:
+def _process_query(query_id: str, span: Any) -> None:
     ctx = context()
     now = int(time.time())
     with ctx.sessions.begin() as session:
@@ -154,6 +158,9 @@ def process_query(query_id: str) -> None:
             now=finished,
         )
     record_metrics(calls, status)
+    span.set_attribute("conclave.batch_id", claimed.batch_id)
+    span.set_attribute("conclave.status", status)
+    record_call_spans(span, calls)
     if not written:
         log.warning("query %s was taken over before it finished; its outcome was not written", claimed.id)
         return
@@ -161,6 +168,16 @@ def process_query(query_id: str) -> None:
         final = finalize_if_done(session, claimed.batch_id, now=finished)
     if final:
         log.info("batch %s %s", claimed.batch_id, final)
+
+
+def process_query(query_id: str) -> None:
+    context()  # tracing is set up with the rest of the process's state
+    message = CurrentMessage.get_current_message()
+    parent = extract(message.options.get("trace") if message else None)
+    with tracer().start_as_current_span(
+        "query", context=parent, attributes={"conclave.query_id": query_id}
+    ) as span:
+        _process_query(query_id, span)
 
 
 def record_metrics(calls: list[CallRecord], status: str) -> None:

@@ -187,4 +187,5 @@ def _record(
         output_tokens=tokens[1],
         cost_usd=cost,
         created_at=int(time.time()),
+        ended_ns=time.time_ns(),
     )

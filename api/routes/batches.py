@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
+from opentelemetry.trace import SpanKind
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, StateDep, WriterDep
@@ -17,6 +18,7 @@ from api.responses import JSONBytes
 from api.schemas import BatchCreate, BatchList, BatchObject, ErrorResponse
 from shared import batches
 from shared.queries import iter_results
+from shared.tracing import carrier, tracer
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -45,17 +47,22 @@ async def create_batch(
     principal: WriterDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JSONBytes:
-    batch, counts, _ = await run_in_threadpool(
-        batches.create_batch,
-        state.sessions,
-        state.broker,
-        state.catalog,
-        state.settings,
-        tenant_id=principal.tenant_id,
-        payload=payload,
-        idempotency_key=idempotency_key,
-        limits=principal.limits(state.settings),
-    )
+    with tracer().start_as_current_span("POST /v1/batches", kind=SpanKind.SERVER) as span:
+        span.set_attribute("conclave.tenant_id", principal.tenant_id)
+        span.set_attribute("conclave.queries", len(payload.queries))
+        batch, counts, _ = await run_in_threadpool(
+            batches.create_batch,
+            state.sessions,
+            state.broker,
+            state.catalog,
+            state.settings,
+            tenant_id=principal.tenant_id,
+            payload=payload,
+            idempotency_key=idempotency_key,
+            limits=principal.limits(state.settings),
+            trace=carrier(),
+        )
+        span.set_attribute("conclave.batch_id", batch.id)
     return JSONBytes(batches.batch_object(batch, counts), status_code=202)
 
 
