@@ -6,8 +6,6 @@ The API is thin: validate, persist, enqueue, read. Run it with
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI
 
 from api.deps import AppState
@@ -16,6 +14,7 @@ from api.middleware import Guards
 from api.ratelimit import SlidingWindow
 from api.routes import admin, batches, health, keys, knowledge, metrics, queries, usage, webhooks
 from shared.db import make_engine, make_sessionmaker
+from shared.logs import configure_logging
 from shared.metrics import MetricsBuffer
 from shared.providers.config import load_catalog
 from shared.settings import Settings, get_settings
@@ -25,7 +24,7 @@ from workers.broker import make_broker
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    logging.basicConfig(level=settings.log_level)
+    configure_logging(settings.log_level, "conclave-api")
     setup_tracing(settings, "conclave-api")
     engine = make_engine(settings.database_url, pool_size=20)
     broker = make_broker(settings.redis_url, settings.queue_namespace)

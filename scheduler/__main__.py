@@ -23,6 +23,7 @@ from scheduler.jobs.webhooks import Dispatcher
 from scheduler.leader import LeaderLock
 from shared.db import make_engine, make_sessionmaker, upgrade
 from shared.knowledge.feeds import import_due_feeds
+from shared.logs import configure_logging
 from shared.metrics import MetricsBuffer
 from shared.settings import Settings, get_settings
 from workers.broker import make_broker
@@ -78,7 +79,7 @@ def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
 
 def main() -> None:
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level)
+    configure_logging(settings.log_level, "conclave-scheduler")
     upgrade(settings.database_url)
     scheduler, lock = build(settings)
     stop = threading.Event()

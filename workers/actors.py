@@ -22,6 +22,7 @@ from dramatiq.middleware import CurrentMessage
 
 from shared.db import make_engine, make_sessionmaker
 from shared.knowledge.grounding import ground
+from shared.logs import batch_id_var, configure_logging
 from shared.metrics import MetricsBuffer
 from shared.providers.config import load_catalog
 from shared.providers.http import make_client
@@ -56,6 +57,7 @@ class WorkerContext:
     def __init__(self) -> None:
         self.settings = settings
         setup_tracing(settings, "conclave-worker")
+        configure_logging(settings.log_level, "conclave-worker")
         self.sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=16))
         self.catalog = load_catalog(settings.providers_file, settings.sim_provider_url)
         self.runner = Runner(
@@ -113,6 +115,7 @@ def _process_query(query_id: str, span: Any) -> None:
         if claimed is None:
             return  # finished, cancelled, or held by a live worker: nothing to do
         council, knowledge = ctx.batch(session, claimed.batch_id)
+        batch_id_var.set(claimed.batch_id)
         snippets = (
             ground(session, claimed.tenant_id, claimed.request["messages"], knowledge) if knowledge else []
         )
