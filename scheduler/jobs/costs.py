@@ -11,7 +11,7 @@ import logging
 import time
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import distinct, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
@@ -47,9 +47,9 @@ def daily_summaries(sessions: sessionmaker[Session], now: int | None = None) -> 
     end = start + 86400
     with sessions() as session:
         tenants = session.scalars(
-            select(distinct(col(ProviderCall.tenant_id))).where(
-                col(ProviderCall.created_at) >= start, col(ProviderCall.created_at) < end
-            )
+            select(col(ProviderCall.tenant_id))
+            .distinct()
+            .where(col(ProviderCall.created_at) >= start, col(ProviderCall.created_at) < end)
         ).all()
     sent = 0
     for tenant_id in tenants:
@@ -66,9 +66,9 @@ def budget_checks(sessions: sessionmaker[Session], settings: Settings, now: int 
     period = datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
     with sessions() as session:
         spenders = session.scalars(
-            select(distinct(col(ProviderCall.tenant_id))).where(
-                col(ProviderCall.created_at) >= month_start(now)
-            )
+            select(col(ProviderCall.tenant_id))
+            .distinct()
+            .where(col(ProviderCall.created_at) >= month_start(now))
         ).all()
         tenants = (
             session.scalars(select(Tenant).where(col(Tenant.id).in_(spenders))).all() if spenders else []
