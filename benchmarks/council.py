@@ -1,0 +1,97 @@
+"""Council throughput benchmark: worker CPU per provider call, calls in flight, makespan against
+the ideal, worker memory, on the real stack (API, dramatiq workers, Redis, simulated provider).
+
+    python -m benchmarks.council --queries 2000 --latency-ms 0            # overhead per call
+    python -m benchmarks.council --queries 5000 --latency-ms 2000 --threads 256   # concurrency
+
+The ideal makespan for a council (three sequential rounds: answers, reviews, synthesis) is
+ceil(N / in_flight) × 3 × latency, with in_flight = processes × threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+import uuid
+
+import httpx
+
+from benchmarks.common import Stack, bench_env, ensure_redis, percentile, print_table, proc_tree_sample
+from shared.db import make_engine, make_sessionmaker, upgrade
+from shared.sim import SimConfig, SimServer
+from shared.tenants import issue_key
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=64)
+    parser.add_argument("--database-url", default=None)
+    args = parser.parse_args()
+
+    redis_ = ensure_redis(os.environ.get("CONCLAVE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    sim = SimServer(SimConfig(latency_ms=args.latency_ms, log_limit=1000)).start()
+    env = bench_env(redis_.url, args.database_url, sim.url)
+    env["CONCLAVE_LOG_LEVEL"] = "WARNING"
+    upgrade(env["CONCLAVE_DATABASE_URL"])
+    with make_sessionmaker(make_engine(env["CONCLAVE_DATABASE_URL"], pool_size=1)).begin() as session:
+        key = issue_key(session, tenant_name=f"bench-{uuid.uuid4().hex[:6]}", role="user", tier="enterprise").api_key
+    stack = Stack(env=env)
+    try:
+        url = stack.start_api()
+        pool = stack.start_workers(processes=args.processes, threads=args.threads)
+        time.sleep(3)  # let the worker processes import and connect before the clock starts
+        httpx.delete(f"{sim.url}/_sim/stats")
+        before = proc_tree_sample(pool.pid)
+        body = {"queries": [{"custom_id": f"b-{i}", "prompt": f"Benchmark question {i}?"} for i in range(args.queries)]}
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
+            started = time.perf_counter()
+            batch_id = client.post("/v1/batches", json=body).json()["id"]
+            peak_rss = 0.0
+            while True:
+                batch = client.get(f"/v1/batches/{batch_id}").json()
+                peak_rss = max(peak_rss, proc_tree_sample(pool.pid).rss_mb)
+                if batch["status"] in ("completed", "failed", "cancelled", "expired"):
+                    break
+                time.sleep(0.5)
+            makespan = time.perf_counter() - started
+            latencies = [
+                r["latency_ms"] for r in map(__import__("orjson").loads, client.get(f"/v1/batches/{batch_id}/results").content.splitlines())
+            ]
+        after = proc_tree_sample(pool.pid)
+        stats = httpx.get(f"{sim.url}/_sim/stats").json()
+    finally:
+        stack.stop()
+        sim.stop()
+        redis_.stop()
+
+    calls = stats["requests"]
+    in_flight = args.processes * args.threads
+    ideal = math.ceil(args.queries / in_flight) * 3 * args.latency_ms / 1000
+    cpu = after.cpu_s - before.cpu_s
+    print_table(
+        f"Council batch: {args.queries:,} queries × 7 calls, sim latency {args.latency_ms:g} ms, "
+        f"{args.processes} worker processes × {args.threads} threads",
+        ["measure", "value"],
+        [
+            ["succeeded", f"{batch['request_counts']['completed']:,} / {args.queries:,}"],
+            ["provider calls", f"{calls:,}"],
+            ["makespan", f"{makespan:.1f} s"],
+            ["ideal makespan", f"{ideal:.1f} s" if ideal else "n/a (latency 0)"],
+            ["makespan / ideal", f"{makespan / ideal:.2f}" if ideal else "n/a"],
+            ["queries per second", f"{args.queries / makespan:,.0f}"],
+            ["peak provider calls in flight", stats["max_in_flight"]],
+            ["worker CPU per provider call", f"{cpu / max(calls, 1) * 1000:.2f} ms"],
+            ["worker CPU total", f"{cpu:.1f} s"],
+            ["worker peak RSS (all processes)", f"{peak_rss:.0f} MB"],
+            ["query latency p50 / p99", f"{percentile(latencies, 50):.0f} / {percentile(latencies, 99):.0f} ms"],
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
