@@ -39,12 +39,20 @@ class MetricsBuffer:
         self.key = f"{namespace}:metrics"
         self.flush_s = flush_s
         self._pending: dict[str, float] = defaultdict(float)
+        self._minutes: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
         self._last = time.monotonic()
+        self.namespace = namespace
 
     def inc(self, name: str, *labels: str, value: float = 1.0) -> None:
         with self._lock:
             self._pending[_field(name, *labels)] += value
+        self._maybe_flush()
+
+    def count_minute(self, name: str, n: int = 1) -> None:
+        """Per-minute counts (kept an hour), for "throughput over the last minutes"."""
+        with self._lock:
+            self._minutes[f"{self.namespace}:{name}:{int(time.time() // 60)}"] += n
         self._maybe_flush()
 
     def observe_latency(self, provider: str, model: str, seconds: float) -> None:
@@ -63,13 +71,17 @@ class MetricsBuffer:
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, defaultdict(float)
+            minutes, self._minutes = self._minutes, defaultdict(int)
             self._last = time.monotonic()
-        if not pending:
+        if not pending and not minutes:
             return
         try:
             pipe = self.client.pipeline(transaction=False)
             for field, value in pending.items():
                 pipe.hincrbyfloat(self.key, field, value)
+            for key, n in minutes.items():
+                pipe.incrby(key, n)
+                pipe.expire(key, 3600)
             pipe.execute()
         except redis.RedisError:
             # Metrics must never break work; these increments are lost, and the ledger still has them.
@@ -173,3 +185,10 @@ def render(collector: DeploymentCollector) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     return generate_latest(registry)
+
+
+def recent_counts(client: redis.Redis, namespace: str, name: str, minutes: int = 15) -> list[int]:
+    """Counts of the last ``minutes`` whole minutes, oldest first (the current minute excluded)."""
+    now = int(time.time() // 60)
+    keys = [f"{namespace}:{name}:{m}" for m in range(now - minutes, now)]
+    return [int(v or 0) for v in client.mget(keys)]

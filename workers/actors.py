@@ -195,6 +195,7 @@ def record_metrics(calls: list[CallRecord], status: str) -> None:
         if call.cost_usd:
             METRICS.inc("cost_usd", provider, call.model, value=call.cost_usd)
     METRICS.inc("queries_finished", status)
+    METRICS.count_minute("finished")
 
 
 def _price(ctx: WorkerContext, model: str) -> float:
