@@ -39,7 +39,9 @@ def main() -> None:
     env["CONCLAVE_LOG_LEVEL"] = "WARNING"
     upgrade(env["CONCLAVE_DATABASE_URL"])
     with make_sessionmaker(make_engine(env["CONCLAVE_DATABASE_URL"], pool_size=1)).begin() as session:
-        key = issue_key(session, tenant_name=f"bench-{uuid.uuid4().hex[:6]}", role="user", tier="enterprise").api_key
+        key = issue_key(
+            session, tenant_name=f"bench-{uuid.uuid4().hex[:6]}", role="user", tier="enterprise"
+        ).api_key
     stack = Stack(env=env)
     try:
         url = stack.start_api()
@@ -47,7 +49,11 @@ def main() -> None:
         time.sleep(3)  # let the worker processes import and connect before the clock starts
         httpx.delete(f"{sim.url}/_sim/stats")
         before = proc_tree_sample(pool.pid)
-        body = {"queries": [{"custom_id": f"b-{i}", "prompt": f"Benchmark question {i}?"} for i in range(args.queries)]}
+        body = {
+            "queries": [
+                {"custom_id": f"b-{i}", "prompt": f"Benchmark question {i}?"} for i in range(args.queries)
+            ]
+        }
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
             started = time.perf_counter()
             batch_id = client.post("/v1/batches", json=body).json()["id"]
@@ -60,7 +66,11 @@ def main() -> None:
                 time.sleep(0.5)
             makespan = time.perf_counter() - started
             latencies = [
-                r["latency_ms"] for r in map(__import__("orjson").loads, client.get(f"/v1/batches/{batch_id}/results").content.splitlines())
+                r["latency_ms"]
+                for r in map(
+                    __import__("orjson").loads,
+                    client.get(f"/v1/batches/{batch_id}/results").content.splitlines(),
+                )
             ]
         after = proc_tree_sample(pool.pid)
         stats = httpx.get(f"{sim.url}/_sim/stats").json()
@@ -88,7 +98,10 @@ def main() -> None:
             ["worker CPU per provider call", f"{cpu / max(calls, 1) * 1000:.2f} ms"],
             ["worker CPU total", f"{cpu:.1f} s"],
             ["worker peak RSS (all processes)", f"{peak_rss:.0f} MB"],
-            ["query latency p50 / p99", f"{percentile(latencies, 50):.0f} / {percentile(latencies, 99):.0f} ms"],
+            [
+                "query latency p50 / p99",
+                f"{percentile(latencies, 50):.0f} / {percentile(latencies, 99):.0f} ms",
+            ],
         ],
     )
 
