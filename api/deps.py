@@ -3,7 +3,6 @@ per-key rate limit), and role checks."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -77,8 +76,19 @@ def get_principal(
     except Unauthorized:
         if state.limiter is not None:
             ip = request.scope.get("state", {}).get("client_ip", "unknown")
-            with contextlib.suppress(RedisError):
-                state.limiter.hit("ip", ip, state.settings.ip_requests_per_minute, cost=AUTH_FAILURE_COST)
+            try:
+                verdict = state.limiter.hit(
+                    "ip", ip, state.settings.ip_requests_per_minute, cost=AUTH_FAILURE_COST
+                )
+            except RedisError:
+                raise Unauthorized("invalid API key") from None
+            if not verdict.admitted:
+                # Guessing keys: once the address's budget cannot pay for another failure, it waits.
+                if state.metrics is not None:
+                    state.metrics.inc("rate_limit_rejections", "ip")
+                raise RateLimited(
+                    "too many failed authentications from this address", retry_after=max(1, verdict.reset_s)
+                ) from None
         raise
     if state.limiter is not None:
         limit = principal.limits(state.settings).requests_per_minute

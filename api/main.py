@@ -7,6 +7,7 @@ The API is thin: validate, persist, enqueue, read. Run it with
 from __future__ import annotations
 
 from fastapi import FastAPI
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from api.deps import AppState
 from api.errors import install_error_handlers
@@ -42,8 +43,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Conclave",
         version="0.1.0",
         description="Batches of LLM council queries.",
-        max_body_size=settings.max_request_bytes,
     )
+    # Starlette counts the bytes of a body that declares no length (its 413 reaches our handler
+    # through FastAPI); Guards, outside it, refuses a declared length over the cap in SPEC's shape.
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_request_bytes)
     app.add_middleware(Guards, settings=settings, limiter=limiter, metrics=metrics_buffer)
     app.state.conclave = state
     install_error_handlers(app)

@@ -33,12 +33,12 @@ from shared.errors import (
     NotFound,
     PayloadTooLarge,
     PaymentRequired,
-    RateLimited,
 )
 from shared.ids import new_id, new_ids
 from shared.models import BATCH_TERMINAL, BATCHES, QUERIES, Batch, Query, Tenant
 from shared.providers.config import Catalog
 from shared.queries import finalize_if_done
+from shared.quota import Reservation, reserve_daily_quota
 from shared.settings import Settings, TierLimits, parse_window
 from shared.usage import budget_for, month_to_date_cost
 from shared.webhooks.endpoints import check_webhook_url
@@ -180,6 +180,46 @@ def create_batch(
         window_s = parse_window(window)
     except ValueError as exc:
         raise InvalidField(str(exc), param="completion_window") from exc
+    reservation = None
+    if limits is not None and limits.queries_per_day is not None:
+        reservation = reserve_daily_quota(
+            broker.client, broker.namespace, sessions, tenant_id, len(payload.queries), limits.queries_per_day
+        )
+    try:
+        return _store_and_enqueue(
+            sessions,
+            broker,
+            tenant_id,
+            payload,
+            idempotency_key,
+            fingerprint,
+            council,
+            metadata,
+            window,
+            window_s,
+            trace,
+            reservation,
+        )
+    except BaseException:
+        if reservation is not None:
+            reservation.release()
+        raise
+
+
+def _store_and_enqueue(
+    sessions: sessionmaker[Session],
+    broker: RedisBroker,
+    tenant_id: str,
+    payload: BatchCreate,
+    idempotency_key: str | None,
+    fingerprint: str | None,
+    council: dict[str, Any],
+    metadata: dict[str, str],
+    window: str,
+    window_s: int,
+    trace: dict[str, str] | None,
+    reservation: Reservation | None,
+) -> tuple[Batch, Counts, bool]:
 
     now = int(time.time())
     batch = Batch(
@@ -231,6 +271,8 @@ def create_batch(
             existing = _by_idempotency_key(session, tenant_id, idempotency_key)
             if existing is None:
                 raise
+            if reservation is not None:
+                reservation.release()  # the winner reserved these queries already
             return _replay(session, existing, fingerprint)
 
     try:
@@ -263,24 +305,6 @@ def _check_tier(
         raise Forbidden(
             f"your tier allows priority up to {limits.max_priority!r}, not {payload.priority!r}",
             param="priority",
-        )
-    if limits.queries_per_day is None:
-        return
-    now = int(time.time())
-    day_start = now - now % 86400
-    with sessions() as session:
-        used = session.scalar(
-            select(func.coalesce(func.sum(col(Batch.total)), 0)).where(
-                col(Batch.tenant_id) == tenant_id, col(Batch.created_at) >= day_start
-            )
-        )
-    if int(used or 0) + len(payload.queries) > limits.queries_per_day:
-        left = max(0, limits.queries_per_day - int(used or 0))
-        raise RateLimited(
-            f"your tier allows {limits.queries_per_day} queries a day; {left} left today",
-            retry_after=day_start + 86400 - now,
-            param="queries",
-            type_="quota_exceeded",
         )
 
 

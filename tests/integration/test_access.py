@@ -1,0 +1,557 @@
+"""Access control over the in-process app on real Redis and the real database (SPEC §3, §6):
+tenant isolation on every route that takes an id, roles, authentication on every /v1 route,
+the operator-only admin endpoints, and API key management.
+
+Routes are enumerated from the app itself: a new route that these tables do not know fails here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis
+from fastapi import FastAPI
+from fastapi.routing import iter_route_contexts
+from fastapi.testclient import TestClient
+from sqlalchemy import insert, select, update
+from sqlmodel import col
+
+from api.main import create_app
+from shared.knowledge.parse import ParsedArticle
+from shared.knowledge.store import store_articles
+from shared.models import DELIVERIES, PROVIDER_CALLS, ApiKey, Article, Feed, Query
+from shared.settings import Settings
+from shared.tenants import hash_key, issue_key
+from tests.conftest import new_key
+
+pytestmark = pytest.mark.integration
+
+HOOK = "http://127.0.0.1:9/hook"
+ARTICLE_WORD = "zebracorn"
+Route = tuple[str, str]  # (method, path template)
+
+# Every /v1 route and what an admin, a user and a viewer of an ordinary (non-operator) tenant
+# get for a valid request on their own tenant's resources.
+ROLE_TABLE: dict[Route, tuple[int, int, int]] = {
+    ("POST", "/v1/batches"): (202, 202, 403),
+    ("GET", "/v1/batches"): (200, 200, 200),
+    ("GET", "/v1/batches/{batch_id}"): (200, 200, 200),
+    ("POST", "/v1/batches/{batch_id}/cancel"): (200, 200, 403),
+    ("GET", "/v1/batches/{batch_id}/results"): (200, 200, 200),
+    ("GET", "/v1/queries/{query_id}"): (200, 200, 200),
+    ("POST", "/v1/webhooks"): (201, 403, 403),
+    ("GET", "/v1/webhooks"): (200, 200, 200),
+    ("DELETE", "/v1/webhooks/{webhook_id}"): (200, 403, 403),
+    ("GET", "/v1/webhook-secret"): (200, 403, 403),
+    ("POST", "/v1/webhook-secret/rotate"): (200, 403, 403),
+    ("GET", "/v1/webhooks/deliveries"): (200, 200, 200),
+    ("POST", "/v1/webhooks/deliveries/{delivery_id}/redeliver"): (200, 403, 403),
+    ("GET", "/v1/usage"): (200, 200, 200),
+    ("POST", "/v1/keys"): (201, 403, 403),
+    ("GET", "/v1/keys"): (200, 403, 403),
+    ("DELETE", "/v1/keys/{key_id}"): (200, 403, 403),
+    ("POST", "/v1/knowledge/feeds"): (201, 403, 403),
+    ("GET", "/v1/knowledge/feeds"): (200, 200, 200),
+    ("POST", "/v1/knowledge/feeds/{feed_id}/import"): (202, 403, 403),
+    ("GET", "/v1/knowledge/articles"): (200, 200, 200),
+    ("GET", "/v1/knowledge/articles/{article_id}"): (200, 200, 200),
+    ("DELETE", "/v1/knowledge/feeds/{feed_id}"): (
+        200,
+        403,
+        403,
+    ),  # after the article reads: it takes them along
+    ("GET", "/v1/admin/queues"): (403, 403, 403),
+    ("GET", "/v1/admin/providers"): (403, 403, 403),
+}
+ID_NAMES = ("batch_id", "query_id", "webhook_id", "delivery_id", "key_id", "feed_id", "article_id")
+ROLE_COLUMN = {"admin": 0, "user": 1, "viewer": 2}
+
+BODIES: dict[Route, dict[str, Any]] = {
+    ("POST", "/v1/batches"): {"queries": [{"custom_id": "x-0", "prompt": "hello?"}]},
+    ("POST", "/v1/webhooks"): {"url": HOOK, "events": ["batch.completed"]},
+    ("POST", "/v1/keys"): {"role": "viewer"},
+    ("POST", "/v1/knowledge/feeds"): {"url": "http://127.0.0.1:9/feed.xml", "domain": "acl-test"},
+}
+
+# Lists that must never show another tenant's items, and the id kind each lists.
+LISTS = {
+    "/v1/batches": "batch_id",
+    "/v1/webhooks": "webhook_id",
+    "/v1/webhooks/deliveries": "delivery_id",
+    "/v1/keys": "key_id",
+    "/v1/knowledge/feeds": "feed_id",
+    "/v1/knowledge/articles": "article_id",
+}
+
+
+def app_routes(app: FastAPI) -> set[Route]:
+    routes: set[Route] = set()
+    for route in iter_route_contexts(app.routes):
+        path = route.path
+        if not path:
+            continue
+        for method in route.methods or ():
+            if method != "HEAD":
+                routes.add((method, path))
+    return routes
+
+
+def v1_routes(app: FastAPI) -> set[Route]:
+    return {r for r in app_routes(app) if r[1].startswith("/v1/")}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def error_body(response: Any) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        pytest.fail(
+            f"HTTP {response.status_code} is not in SPEC's JSON error shape: "
+            f"{response.headers.get('content-type')!r} {response.text[:200]!r}"
+        )
+    assert isinstance(body, dict), body
+    return body
+
+
+def assert_error(response: Any, status: int, type_: str, param: str | bool | None = False) -> dict[str, Any]:
+    """SPEC §3's shape, exactly: ``{"error": {"type", "message", "param"}}``."""
+    where = f"{response.request.method} {response.request.url.path}"
+    assert response.status_code == status, (where, response.status_code, response.text)
+    body = error_body(response)
+    assert set(body) == {"error"}, (where, body)
+    error = body["error"]
+    assert set(error) == {"type", "message", "param"}, (where, error)
+    assert error["type"] == type_, (where, error)
+    assert isinstance(error["message"], str) and error["message"], (where, error)
+    assert error["param"] is None or isinstance(error["param"], str), (where, error)
+    if param is not False:
+        assert error["param"] == param, (where, error)
+    return dict(error)
+
+
+def call(client: TestClient, route: Route, ids: dict[str, str], headers: dict[str, str]) -> Any:
+    method, template = route
+    body = BODIES.get(route)
+    return client.request(method, template.format(**ids), json=body, headers=headers)
+
+
+@dataclass
+class Resources:
+    """One of each id-bearing resource of a tenant, created through the API."""
+
+    batch_id: str
+    query_id: str
+    webhook_id: str
+    delivery_id: str
+    key_id: str
+    api_key: str
+    feed_id: str
+    article_id: str
+
+    def ids(self) -> dict[str, str]:
+        return {
+            "batch_id": self.batch_id,
+            "query_id": self.query_id,
+            "webhook_id": self.webhook_id,
+            "delivery_id": self.delivery_id,
+            "key_id": self.key_id,
+            "feed_id": self.feed_id,
+            "article_id": self.article_id,
+        }
+
+
+def make_resources(client: TestClient, admin_key: str, sessions: Any) -> Resources:
+    h = bearer(admin_key)
+    batch = client.post(
+        "/v1/batches",
+        json={"queries": [{"custom_id": "a", "prompt": "one"}, {"custom_id": "b", "prompt": "two"}]},
+        headers=h,
+    )
+    assert batch.status_code == 202, batch.text
+    batch_id = batch.json()["id"]
+    with sessions() as s:
+        query_id = s.scalars(select(col(Query.id)).where(col(Query.batch_id) == batch_id)).first()
+    assert query_id
+    webhook = client.post("/v1/webhooks", json={"url": HOOK, "events": ["batch.cancelled"]}, headers=h)
+    assert webhook.status_code == 201, webhook.text
+    # A cancelled batch with its own webhook_url queues a delivery (and one to the endpoint).
+    other = client.post(
+        "/v1/batches",
+        json={"queries": [{"custom_id": "c", "prompt": "three"}], "webhook_url": HOOK},
+        headers=h,
+    )
+    assert other.status_code == 202, other.text
+    assert client.post(f"/v1/batches/{other.json()['id']}/cancel", headers=h).json()["status"] == "cancelled"
+    deliveries = client.get("/v1/webhooks/deliveries", headers=h).json()["data"]
+    delivery_id = next(d["id"] for d in deliveries if d["batch_id"] == other.json()["id"])
+    # A distinguishable state, so that a redelivery by anyone would show.
+    with sessions.begin() as s:
+        s.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id == delivery_id)
+            .values(status="failed", attempts=10, last_error="gave up")
+        )
+    key = client.post("/v1/keys", json={"role": "user"}, headers=h)
+    assert key.status_code == 201, key.text
+    feed = client.post(
+        "/v1/knowledge/feeds", json={"url": "http://127.0.0.1:9/rss.xml", "domain": "acl"}, headers=h
+    )
+    assert feed.status_code == 201, feed.text
+    # An imported article, stored as the feed job stores one (no network needed).
+    content = f"The {ARTICLE_WORD} article of this tenant."
+    parsed = ParsedArticle(
+        guid=f"guid-{uuid.uuid4().hex}",
+        title=f"About {ARTICLE_WORD}",
+        link="https://example.com/a",
+        published_at=int(time.time()),
+        content=content,
+        content_hash=hashlib.sha256(content.encode()).hexdigest(),
+    )
+    with sessions.begin() as s:
+        feed_row = s.get(Feed, feed.json()["id"])
+        assert feed_row is not None
+        assert store_articles(s, feed_row, [parsed]).created == 1
+        article_id = s.scalars(select(col(Article.id)).where(col(Article.feed_id) == feed_row.id)).one()
+    return Resources(
+        batch_id,
+        query_id,
+        webhook.json()["id"],
+        delivery_id,
+        key.json()["id"],
+        key.json()["api_key"],
+        feed.json()["id"],
+        article_id,
+    )
+
+
+def tenant_state(client: TestClient, admin_key: str, sessions: Any) -> dict[str, Any]:
+    """Everything a tenant owns that another tenant's calls could change."""
+    h = bearer(admin_key)
+    feeds = client.get("/v1/knowledge/feeds", headers=h).json()["data"]
+    with sessions() as s:
+        # "Import now" shows only in the schedule: the feed becomes due at once.
+        due = {f["id"]: getattr(s.get(Feed, f["id"]), "next_fetch_at", None) for f in feeds}
+    batches = client.get("/v1/batches", params={"limit": 100}, headers=h).json()["data"]
+    deliveries = client.get("/v1/webhooks/deliveries", params={"limit": 100}, headers=h).json()["data"]
+    return {
+        "batches": sorted(
+            (b["id"], b["status"], tuple(sorted(b["request_counts"].items()))) for b in batches
+        ),
+        "webhooks": sorted(
+            (w["id"], w["url"], tuple(w["events"]), w["enabled"])
+            for w in client.get("/v1/webhooks", headers=h).json()["data"]
+        ),
+        "deliveries": sorted((d["id"], d["status"], d["attempts"]) for d in deliveries),
+        "keys": sorted(
+            (k["id"], k["role"], k["revoked_at"]) for k in client.get("/v1/keys", headers=h).json()["data"]
+        ),
+        "secret": client.get("/v1/webhook-secret", headers=h).json()["secret"],
+        "feeds": sorted((f["id"], f["url"], f["domain"], due[f["id"]]) for f in feeds),
+        "articles": sorted(
+            (a["id"], a["title"])
+            for a in client.get("/v1/knowledge/articles", params={"limit": 100}, headers=h).json()["data"]
+        ),
+    }
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def app(settings: Settings) -> Iterator[FastAPI]:
+    # Its own queue namespace: no worker of another test's stack runs (and changes) these batches.
+    namespace = f"{settings.queue_namespace}-access-{uuid.uuid4().hex[:6]}"
+    app = create_app(
+        settings.model_copy(update={"webhook_allow_private": True, "queue_namespace": namespace})
+    )
+    yield app
+    state = app.state.conclave
+    client = redis.Redis.from_url(settings.redis_url)
+    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+    state.broker.client.close()
+    state.sessions.kw["bind"].dispose()
+
+
+@pytest.fixture
+def api(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app) as c:
+        yield c
+
+
+def tenant_name() -> str:
+    return f"acc-{uuid.uuid4().hex[:10]}"
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_role_table_covers_every_v1_route(app: FastAPI) -> None:
+    assert v1_routes(app) == set(ROLE_TABLE), (
+        "a /v1 route was added or removed: extend ROLE_TABLE and the tests"
+    )
+    assert {r for r in app_routes(app) if "{" in r[1]} <= set(ROLE_TABLE)
+
+
+def test_another_tenants_ids_are_404_everywhere_and_change_nothing(
+    app: FastAPI, api: TestClient, sessions: Any
+) -> None:
+    key_a, _ = new_key(sessions, tenant_name())
+    key_b, _ = new_key(sessions, tenant_name())
+    res_a = make_resources(api, key_a, sessions)
+    res_b = make_resources(api, key_b, sessions)  # B has items of its own: lists are not just empty
+    before = tenant_state(api, key_a, sessions)
+
+    id_routes = sorted(r for r in app_routes(app) if "{" in r[1])
+    assert id_routes, "the app has routes with ids"
+    walked: set[Route] = set()
+    for route in id_routes:
+        foreign = call(api, route, res_a.ids(), bearer(key_b))
+        error = assert_error(foreign, 404, "not_found_error")
+        # Indistinguishable from an id that does not exist at all.
+        unknown_ids = {k: v[:-4] + "zzzz" for k, v in res_a.ids().items()}
+        unknown = call(api, route, unknown_ids, bearer(key_b))
+        unknown_error = assert_error(unknown, 404, "not_found_error")
+        assert error["param"] == unknown_error["param"], route
+        used = [v for k, v in res_a.ids().items() if "{" + k + "}" in route[1]]
+        scrubbed = error["message"]
+        for value in used:
+            scrubbed = scrubbed.replace(value, "<id>")
+        scrubbed_unknown = unknown_error["message"]
+        for value in used:
+            scrubbed_unknown = scrubbed_unknown.replace(value[:-4] + "zzzz", "<id>")
+        assert scrubbed == scrubbed_unknown, route
+        walked.add(route)
+    assert walked == {r for r in app_routes(app) if "{" in r[1]}
+
+    assert tenant_state(api, key_a, sessions) == before
+    # A's key still works (B's revoke did nothing) and A's batch was not cancelled.
+    assert api.get("/v1/batches", headers=bearer(res_a.api_key)).status_code == 200
+    assert api.get(f"/v1/batches/{res_a.batch_id}", headers=bearer(key_a)).json()["status"] == "in_progress"
+
+    # Lists never show the other tenant's items (and do show one's own).
+    a_ids, b_ids = res_a.ids(), res_b.ids()
+    for path, kind in LISTS.items():
+        for viewer_key, own, other in ((key_b, b_ids, a_ids), (key_a, a_ids, b_ids)):
+            rows = api.get(path, params={"limit": 100}, headers=bearer(viewer_key)).json()["data"]
+            listed = {row["id"] for row in rows}
+            assert own[kind] in listed, (path, kind)
+            assert other[kind] not in listed, (path, kind)
+            assert not (listed & set(other.values())), path
+    # Nor does a search find the other tenant's articles.
+    found = api.get("/v1/knowledge/articles", params={"q": ARTICLE_WORD}, headers=bearer(key_b)).json()
+    assert {a["id"] for a in found["data"]} == {res_b.article_id}
+    # Nor are the other tenant's items reachable as a cursor.
+    page = api.get(
+        "/v1/batches", params={"after": res_a.batch_id, "limit": 100}, headers=bearer(key_b)
+    ).json()
+    assert res_a.batch_id not in {b["id"] for b in page["data"]}
+
+
+def test_usage_is_per_tenant(api: TestClient, sessions: Any) -> None:
+    key_a, tenant_a = new_key(sessions, tenant_name())
+    key_b, _ = new_key(sessions, tenant_name())
+    with sessions.begin() as s:
+        s.execute(
+            insert(PROVIDER_CALLS),
+            [
+                {
+                    "query_id": "query_x",
+                    "batch_id": "batch_x",
+                    "tenant_id": tenant_a,
+                    "model": "sim:alpha",
+                    "stage": "answer",
+                    "attempt": 1,
+                    "status": "succeeded",
+                    "latency_ms": 5,
+                    "input_tokens": 10,
+                    "output_tokens": 20,
+                    "cost_usd": 0.25,
+                    "created_at": int(time.time()),
+                }
+            ],
+        )
+    usage_a = api.get("/v1/usage", headers=bearer(key_a)).json()
+    usage_b = api.get("/v1/usage", params={"group_by": "model"}, headers=bearer(key_b)).json()
+    assert usage_a["cost_usd"] == pytest.approx(0.25) and usage_a["total_tokens"] == 30
+    assert usage_b["cost_usd"] == 0 and usage_b["calls"] == 0 and usage_b["data"] == []
+
+
+@pytest.mark.parametrize("role", ["admin", "user", "viewer"])
+def test_roles_on_every_v1_route(app: FastAPI, api: TestClient, sessions: Any, role: str) -> None:
+    name = tenant_name()
+    admin_key, _ = new_key(sessions, name, "admin")
+    key, _ = new_key(sessions, name, role) if role != "admin" else (admin_key, "")
+    resources = make_resources(api, admin_key, sessions)
+    before = tenant_state(api, admin_key, sessions)
+    column = ROLE_COLUMN[role]
+
+    assert set(ROLE_TABLE) == v1_routes(app)
+    for route, expected in ROLE_TABLE.items():
+        response = call(api, route, resources.ids(), bearer(key))
+        status = expected[column]
+        if status == 403:
+            assert_error(response, 403, "permission_error")
+        else:
+            assert response.status_code == status, (role, route, response.text)
+
+    # Writes (POST/DELETE) are refused to a viewer, every one of them.
+    writes = {r for r in v1_routes(app) if r[0] in ("POST", "DELETE", "PUT", "PATCH")}
+    if role == "viewer":
+        assert all(ROLE_TABLE[r][column] == 403 for r in writes)
+        assert tenant_state(api, admin_key, sessions) == before  # and nothing changed
+    if role == "user":
+        after = tenant_state(api, admin_key, sessions)
+        # Submit and cancel went through; keys, endpoints, secret and deliveries did not move.
+        for part in ("webhooks", "keys", "secret"):
+            assert after[part] == before[part], part
+        # (the cancel queued a new batch.cancelled delivery; the existing ones were not redelivered)
+        old_ids = {d[0] for d in before["deliveries"]}
+        assert [d for d in after["deliveries"] if d[0] in old_ids] == before["deliveries"]
+        batch = api.get(f"/v1/batches/{resources.batch_id}", headers=bearer(key)).json()
+        assert batch["status"] == "cancelled"
+        assert len(after["batches"]) == len(before["batches"]) + 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="no-key"),
+        pytest.param({"Authorization": "Basic dXNlcjpwYXNz"}, id="basic-scheme"),
+        pytest.param({"Authorization": "Bearer"}, id="bearer-without-key"),
+        pytest.param({"Authorization": "Bearer    "}, id="bearer-blank"),
+        pytest.param({"Authorization": "cnk_abcdefghijklmnop"}, id="no-scheme"),
+        pytest.param({"Authorization": "Bearer cnk_not-a-real-key"}, id="unknown-key"),
+    ],
+)
+def test_no_or_malformed_key_is_401_on_every_v1_route(
+    app: FastAPI, api: TestClient, sessions: Any, headers: dict[str, str]
+) -> None:
+    key, _ = new_key(sessions, tenant_name())
+    before = tenant_state(api, key, sessions)
+    ids = {name: f"{name.split('_')[0]}_unknown" for name in ID_NAMES}
+    routes = sorted(v1_routes(app))
+    assert len(routes) == len(ROLE_TABLE)
+    for route in routes:
+        assert_error(call(api, route, ids, headers), 401, "authentication_error")
+    assert tenant_state(api, key, sessions) == before
+
+
+def test_revoked_key_is_401_on_every_v1_route(app: FastAPI, api: TestClient, sessions: Any) -> None:
+    admin_key, _ = new_key(sessions, tenant_name())
+    resources = make_resources(api, admin_key, sessions)
+    created = api.post("/v1/keys", json={"role": "admin"}, headers=bearer(admin_key)).json()
+    doomed = created["api_key"]
+    assert api.get("/v1/batches", headers=bearer(doomed)).status_code == 200
+    revoked = api.delete(f"/v1/keys/{created['id']}", headers=bearer(admin_key))
+    assert revoked.status_code == 200 and isinstance(revoked.json()["revoked_at"], int)
+    before = tenant_state(api, admin_key, sessions)
+    for route in sorted(v1_routes(app)):
+        assert_error(call(api, route, resources.ids(), bearer(doomed)), 401, "authentication_error")
+    assert tenant_state(api, admin_key, sessions) == before
+
+
+def test_admin_endpoints_need_an_admin_of_the_operator_tenant(api: TestClient, sessions: Any) -> None:
+    tenant_admin, _ = new_key(sessions, tenant_name(), "admin")
+    op_name = f"op-{uuid.uuid4().hex[:10]}"
+    with sessions.begin() as s:
+        op_admin = issue_key(s, tenant_name=op_name, role="admin", tier="enterprise", operator=True).api_key
+        op_user = issue_key(s, tenant_name=op_name, role="user", tier="enterprise").api_key
+    for path in ("/v1/admin/queues", "/v1/admin/providers"):
+        assert_error(api.get(path, headers=bearer(tenant_admin)), 403, "permission_error")
+        assert_error(api.get(path, headers=bearer(op_user)), 403, "permission_error")
+        assert api.get(path, headers=bearer(op_admin)).status_code == 200
+
+
+def operator_admin(sessions: Any) -> str:
+    with sessions.begin() as s:
+        return issue_key(
+            s, tenant_name=f"op-{uuid.uuid4().hex[:10]}", role="admin", tier="enterprise", operator=True
+        ).api_key
+
+
+def test_admin_queues_report_the_documented_fields(api: TestClient, sessions: Any) -> None:
+    """SPEC §3.3: per priority queue depth, delayed, dead-lettered, in flight; workers alive;
+    throughput over the last minutes."""
+    queues = api.get("/v1/admin/queues", headers=bearer(operator_admin(sessions)))
+    assert queues.status_code == 200, queues.text
+    body = queues.json()
+    assert {q["queue"] for q in body["data"]} == {"high", "normal", "low"}
+    for q in body["data"]:
+        for field in ("depth", "delayed", "dead_lettered", "in_flight"):
+            assert isinstance(q[field], int) and q[field] >= 0, (q, field)
+    assert isinstance(body["workers_alive"], int) and body["workers_alive"] >= 0
+    throughput = [k for k in body if "throughput" in k] + [
+        k for q in body["data"] for k in q if "throughput" in k
+    ]
+    assert throughput, f"no throughput over the last minutes in /v1/admin/queues: {sorted(body)}"
+
+
+def test_admin_providers_report_the_documented_fields(api: TestClient, sessions: Any) -> None:
+    """SPEC §3.3: per provider/model circuit state, error rate, p50/p95 latency, rate-limit headroom."""
+    providers = api.get("/v1/admin/providers", headers=bearer(operator_admin(sessions)))
+    assert providers.status_code == 200, providers.text
+    rows = providers.json()["data"]
+    assert rows, "the simulated provider is configured"
+    for row in rows:
+        assert row["circuit"] in ("closed", "open", "half_open", "half-open"), row
+        keys = " ".join(row)
+        assert "error_rate" in keys, row
+        assert "p50" in keys and "p95" in keys, f"no p50/p95 latency in /v1/admin/providers: {sorted(row)}"
+        assert "headroom" in keys, f"no rate-limit headroom in /v1/admin/providers: {sorted(row)}"
+
+
+def test_key_management_shows_a_key_once_and_never_its_hash(api: TestClient, sessions: Any) -> None:
+    admin_key, tenant_id = new_key(sessions, tenant_name())
+    created = api.post("/v1/keys", json={"role": "viewer"}, headers=bearer(admin_key))
+    assert created.status_code == 201, created.text
+    body = created.json()
+    api_key = body["api_key"]
+    assert api_key.startswith("cnk_") and len(api_key) > 30
+    assert body["role"] == "viewer" and body["revoked_at"] is None
+    assert api_key.startswith(body["prefix"]) and len(body["prefix"]) < len(api_key)
+    assert hash_key(api_key) not in created.text
+    with sessions() as s:
+        row = s.get(ApiKey, body["id"])
+        assert row is not None and row.tenant_id == tenant_id
+        assert row.key_hash == hash_key(api_key) and api_key not in (row.key_hash, row.prefix)
+
+    listed = api.get("/v1/keys", headers=bearer(admin_key))
+    assert listed.status_code == 200
+    page = listed.json()
+    assert page["object"] == "list" and page["has_more"] is False
+    mine = next(k for k in page["data"] if k["id"] == body["id"])
+    assert mine["prefix"] == body["prefix"] and "api_key" not in mine
+    for secret in (api_key, hash_key(api_key), admin_key, hash_key(admin_key)):
+        assert secret not in listed.text
+
+    # The new key works, with its own role.
+    assert api.get("/v1/batches", headers=bearer(api_key)).status_code == 200
+    assert_error(
+        api.post("/v1/batches", json=BODIES[("POST", "/v1/batches")], headers=bearer(api_key)),
+        403,
+        "permission_error",
+    )
+
+    revoked = api.delete(f"/v1/keys/{body['id']}", headers=bearer(admin_key))
+    assert revoked.status_code == 200
+    assert api_key not in revoked.text and hash_key(api_key) not in revoked.text
+    assert isinstance(revoked.json()["revoked_at"], int)
+    assert_error(api.get("/v1/batches", headers=bearer(api_key)), 401, "authentication_error")
+    again = api.delete(f"/v1/keys/{body['id']}", headers=bearer(admin_key))
+    assert again.status_code == 200 and again.json()["revoked_at"] == revoked.json()["revoked_at"]
+    relisted = api.get("/v1/keys", headers=bearer(admin_key)).json()["data"]
+    assert next(k for k in relisted if k["id"] == body["id"])["revoked_at"] == revoked.json()["revoked_at"]
+    # The admin's own key is untouched.
+    assert api.get("/v1/keys", headers=bearer(admin_key)).status_code == 200
