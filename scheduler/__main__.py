@@ -71,7 +71,9 @@ def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
         ),
     }
     scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
-    scheduler.add_job(lock.tick, "interval", seconds=lock.ttl_ms / 3000, id="leader")
+    # Every second: the leader renews (its lock lives 15 s), a follower tries to take over, so a
+    # dead leader is replaced within a second of its lock running out.
+    scheduler.add_job(lock.tick, "interval", seconds=1, id="leader")
     for name, job in jobs.items():
         scheduler.add_job(leader_only(lock, name, job), "interval", seconds=INTERVALS[name], id=name)
     return scheduler, lock

@@ -293,3 +293,105 @@ def test_grounded_batch_cites_articles_the_council_saw(
     ]
     assert len(stage1) == 3
     assert all("renal blood flow" in r["text"] for r in stage1)
+
+
+# Real-world-shaped fixtures served over HTTP and imported by the feed job (exact values as the
+# parser's unit tests pin them; relative links resolve against where the feed was served).
+FIXTURE_FEEDS = {
+    "/blog/feed.xml": (
+        "rss20_content_encoded.xml",
+        lambda base: {
+            "Queues & back-pressure: what we’ve learned": (
+                "https://blog.example.com/2025/06/queues-back-pressure?utm_source=rss&utm_medium=feed",
+                1748936361,
+                "Why queues?\n\nProducers and consumers rarely run at the same speed & that’s fine.\n\n"
+                "Bound every queue\nShed load early\n\nRead our post on retries.\nThanks for reading!",
+            ),
+            "Rock & Roll reliability": (
+                f"{base}/2025/05/rock-and-roll",
+                1748733300,
+                "Escaped HTML:\n\nCafé menus & tips\n\nSecond paragraph.",
+            ),
+        },
+    ),
+    "/rss10.xml": (
+        "rss10_rdf.xml",
+        lambda base: {
+            "Comet visible at dawn": (
+                "https://news.example.org/articles/comet",
+                1736926200,
+                "Look east about an hour before sunrise.",
+            ),
+            "Fusion record broken": (
+                "https://news.example.org/articles/fusion",
+                1736892310,
+                "The reactor held the plasma for 22 minutes.",
+            ),
+        },
+    ),
+    "/atom.xml": (
+        "atom10_xml_base.xml",
+        lambda base: {
+            "Relative links & xml:base": (
+                "https://example.org/blog/posts/relative-links",
+                1740837600,
+                "Links in Atom resolve against xml:base.\n\nSecond paragraph.",
+            ),
+            "An XHTML title": (
+                "https://example.org/archive/2025/xhtml-content.html",
+                1740768330,
+                "First paragraph with an inline link.\n\ndef f(x):\n    return x + 1",
+            ),
+            "Plain text title with <angle brackets>": (
+                "https://elsewhere.example.net/absolute",
+                1740614400,
+                "Plain text content\nwith two lines & an ampersand.",
+            ),
+        },
+    ),
+    "/latin1.xml": (
+        "iso8859_1.xml",
+        lambda base: {
+            "Grüße aus München": (
+                "https://muller.example.de/artikel/gruesse",
+                1739340000,
+                "Das Café öffnet um 7 Uhr – überall Kaffee.",
+            ),
+        },
+    ),
+    "/shop/rss.xml": (
+        "rss_no_guids.xml",
+        lambda base: {
+            "No link, no guid": (None, None, "Only a title and a description identify this one."),
+        },
+    ),
+}
+
+
+def test_real_world_feeds_import_exactly_over_http(api: TestClient, sessions: Any, feeds: FeedServer) -> None:
+    domains = {path: f"fixture{i}" for i, path in enumerate(FIXTURE_FEEDS)}
+    for path, (name, _) in FIXTURE_FEEDS.items():
+        feeds.feeds[path] = (FIXTURES / name).read_bytes()
+        add(api, f"{feeds.url}{path}", domain=domains[path])
+    run_feed_job(sessions)
+    listed = api.get("/v1/knowledge/feeds").json()["data"]
+    assert all(f["last_error"] is None for f in listed), [f["last_error"] for f in listed]
+    for path, (name, expected_for) in FIXTURE_FEEDS.items():
+        expected = expected_for(feeds.url)
+        domain = domains[path]
+        articles = api.get("/v1/knowledge/articles", params={"domain": domain, "limit": 100}).json()["data"]
+        by_title = {a["title"]: a for a in articles}
+        for title, (link, published_at, content) in expected.items():
+            assert title in by_title, (name, sorted(by_title))
+            article = by_title[title]
+            assert (article["link"], article["published_at"]) == (link, published_at), (name, title)
+            assert api.get(f"/v1/knowledge/articles/{article['id']}").json()["content"] == content, (
+                name,
+                title,
+            )
+    shop = api.get(
+        "/v1/knowledge/articles", params={"domain": domains["/shop/rss.xml"], "limit": 100}
+    ).json()["data"]
+    links = {a["link"] for a in shop}
+    assert "https://shop.example.com/news/absolute" in links
+    assert f"{feeds.url}/shop/news/relative?id=7" in links
