@@ -9,7 +9,6 @@ limits are layered above it (``base.py``).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,10 +18,11 @@ from shared.providers import errors
 from shared.providers.base import (
     ChatRequest,
     ChatResult,
-    Message,
     Provider,
     retry_after_seconds,
     status_error,
+    system_and_turns,
+    token_count,
 )
 
 API_VERSION = "2023-06-01"
@@ -47,7 +47,7 @@ _RATELIMIT_PREFIX = "anthropic-ratelimit-"
 
 class AnthropicProvider(Provider):
     def build(self, request: ChatRequest) -> tuple[str, dict[str, str], dict[str, Any]]:
-        system, turns = _conversation(request.messages)
+        system, turns = system_and_turns(request.messages)
         if not turns or turns[0][0] != "user":
             # Anthropic answers this with a 400 after a round trip; it can be known here.
             raise errors.InvalidRequest("the Messages API needs a user message before any assistant one")
@@ -83,8 +83,8 @@ class AnthropicProvider(Provider):
         usage = usage if isinstance(usage, dict) else {}
         return ChatResult(
             text=text,
-            input_tokens=_count(usage.get("input_tokens")),
-            output_tokens=_count(usage.get("output_tokens")),
+            input_tokens=token_count(usage.get("input_tokens")),
+            output_tokens=token_count(usage.get("output_tokens")),
         )
 
     def map_error(self, response: httpx.Response, body: Any) -> errors.ProviderError:
@@ -138,29 +138,3 @@ def _rfc3339_timestamp(value: str) -> float | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
-
-
-def _conversation(messages: Iterable[Message]) -> tuple[str, list[tuple[str, str]]]:
-    """The system prompt and the user/assistant turns, consecutive same-role messages merged,
-    because the Messages API takes one ``system`` and requires alternating roles."""
-    system: list[str] = []
-    turns: list[tuple[str, str]] = []
-    for message in messages:
-        role, content = message.get("role"), message.get("content") or ""
-        if role == "system":
-            system.append(content)
-        elif role not in ("user", "assistant"):
-            raise errors.InvalidRequest(f"unsupported message role {role!r}")
-        elif turns and turns[-1][0] == role:
-            turns[-1] = (role, _join((turns[-1][1], content)))
-        else:
-            turns.append((role, content))
-    return _join(system), turns
-
-
-def _join(texts: Iterable[str]) -> str:
-    return "\n\n".join(text for text in texts if text)
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

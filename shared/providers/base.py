@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,33 @@ def _connection_failed(exc: httpx.TimeoutException) -> bool:
     return isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
         cause, aiohttp.ServerTimeoutError | TimeoutError
     )
+
+
+def system_and_turns(messages: Iterable[Message]) -> tuple[str, list[tuple[str, str]]]:
+    """The system prompt and the user/assistant turns, consecutive same-role messages merged:
+    the Anthropic and Gemini APIs take one system text and expect the roles to alternate."""
+    system: list[str] = []
+    turns: list[tuple[str, str]] = []
+    for message in messages:
+        role, content = message.get("role"), message.get("content") or ""
+        if role == "system":
+            system.append(content)
+        elif role not in ("user", "assistant"):
+            raise errors.InvalidRequest(f"unsupported message role {role!r}")
+        elif turns and turns[-1][0] == role:
+            turns[-1] = (role, join_texts((turns[-1][1], content)))
+        else:
+            turns.append((role, content))
+    return join_texts(system), turns
+
+
+def join_texts(texts: Iterable[str]) -> str:
+    return "\n\n".join(text for text in texts if text)
+
+
+def token_count(value: Any) -> int:
+    """A usage field as a count: anything but a non-negative integer counts as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:

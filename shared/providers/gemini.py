@@ -9,7 +9,6 @@ wait hints into the taxonomy. Retries, breakers and rate limits are layered abov
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
 
@@ -19,10 +18,11 @@ from shared.providers import errors
 from shared.providers.base import (
     ChatRequest,
     ChatResult,
-    Message,
     Provider,
     retry_after_seconds,
     status_error,
+    system_and_turns,
+    token_count,
 )
 
 # google.rpc.Code names say more than the HTTP status (a bad key is a 400 INVALID_ARGUMENT).
@@ -44,7 +44,7 @@ _ROLES = {"user": "user", "assistant": "model"}
 
 class GeminiProvider(Provider):
     def build(self, request: ChatRequest) -> tuple[str, dict[str, str], dict[str, Any]]:
-        system, turns = _conversation(request.messages)
+        system, turns = system_and_turns(request.messages)
         if not turns:
             raise errors.InvalidRequest("generateContent needs at least one user or assistant message")
         body: dict[str, Any] = {
@@ -94,8 +94,8 @@ class GeminiProvider(Provider):
         usage = usage if isinstance(usage, dict) else {}
         return ChatResult(
             text=text,
-            input_tokens=_count(usage.get("promptTokenCount")),
-            output_tokens=_count(usage.get("candidatesTokenCount")),
+            input_tokens=token_count(usage.get("promptTokenCount")),
+            output_tokens=token_count(usage.get("candidatesTokenCount")),
         )
 
     def map_error(self, response: httpx.Response, body: Any) -> errors.ProviderError:
@@ -146,29 +146,3 @@ def _error_info_reasons(details: list[Any]) -> list[Any]:
         for item in details
         if isinstance(item, dict) and str(item.get("@type", "")).endswith("/google.rpc.ErrorInfo")
     ]
-
-
-def _conversation(messages: Iterable[Message]) -> tuple[str, list[tuple[str, str]]]:
-    """The system prompt and the user/assistant turns, consecutive same-role messages merged,
-    because Gemini takes one ``systemInstruction`` and expects user and model to alternate."""
-    system: list[str] = []
-    turns: list[tuple[str, str]] = []
-    for message in messages:
-        role, content = message.get("role"), message.get("content") or ""
-        if role == "system":
-            system.append(content)
-        elif role not in _ROLES:
-            raise errors.InvalidRequest(f"unsupported message role {role!r}")
-        elif turns and turns[-1][0] == role:
-            turns[-1] = (role, _join((turns[-1][1], content)))
-        else:
-            turns.append((role, content))
-    return _join(system), turns
-
-
-def _join(texts: Iterable[str]) -> str:
-    return "\n\n".join(text for text in texts if text)
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

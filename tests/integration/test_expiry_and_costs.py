@@ -14,14 +14,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, func, insert, select, text, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
@@ -29,13 +28,12 @@ from api.main import create_app
 from scheduler.jobs.costs import budget_checks, daily_summaries
 from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.webhooks import Dispatcher
-from shared.db import make_engine, make_sessionmaker, upgrade
+from shared.db import make_engine, make_sessionmaker
 from shared.models import PROVIDER_CALLS, Batch, Notice, Query, Tenant, WebhookDelivery
 from shared.queries import claim_query, iter_results
 from shared.settings import Settings
 from shared.tenants import IssuedKey, issue_key
 from shared.webhooks.endpoints import register_endpoint
-from tests.conftest import POSTGRES_URL
 from tests.helpers import counts_add_up, jsonl, poll
 from tests.integration.test_webhooks import Receiver, verify
 
@@ -53,25 +51,9 @@ def ts(iso: str) -> int:
 
 
 @pytest.fixture
-def own_database_url(settings: Settings, tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated database of the session's kind (SQLite file or PostgreSQL database)."""
-    if settings.is_sqlite:
-        url = f"sqlite:///{tmp_path / 'costs.db'}"
-        upgrade(url)
-        yield url
-        return
-    name = f"conclave_costs_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-        upgrade(url)
-        yield url
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+def own_database_url(private_database_url: str) -> str:
+    """A fresh, migrated database of the session's kind (the shared ``private_database_url``)."""
+    return private_database_url
 
 
 @pytest.fixture

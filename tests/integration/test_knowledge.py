@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -297,7 +297,8 @@ def test_grounded_batch_cites_articles_the_council_saw(
 
 # Real-world-shaped fixtures served over HTTP and imported by the feed job (exact values as the
 # parser's unit tests pin them; relative links resolve against where the feed was served).
-FIXTURE_FEEDS = {
+Expected = dict[str, tuple[str | None, int | None, str]]
+FIXTURE_FEEDS: dict[str, tuple[str, Callable[[str], Expected]]] = {
     "/blog/feed.xml": (
         "rss20_content_encoded.xml",
         lambda base: {

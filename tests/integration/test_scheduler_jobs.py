@@ -12,14 +12,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.message import Message
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
@@ -28,12 +27,12 @@ from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.reconcile import GRACE_S, reconcile
 from scheduler.leader import LeaderLock
 from shared.batches import cancel_batch, counts_for, create_batch
-from shared.db import make_engine, make_sessionmaker, upgrade
+from shared.db import make_engine, make_sessionmaker
 from shared.models import Batch, Query
 from shared.providers.config import load_catalog
 from shared.queries import claim_query, finalize_if_done, record_outcome
 from shared.settings import Priority, Settings
-from tests.conftest import POSTGRES_URL, new_key
+from tests.conftest import new_key
 from tests.helpers import poll
 from workers.broker import make_broker
 
@@ -53,25 +52,9 @@ def delete_keys(client: redis.Redis, pattern: str) -> None:
 
 
 @pytest.fixture
-def own_database_url(settings: Settings, tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated database of the session's kind (SQLite file or PostgreSQL database)."""
-    if settings.is_sqlite:
-        url = f"sqlite:///{tmp_path / 'scheduler.db'}"
-        upgrade(url)
-        yield url
-        return
-    name = f"conclave_sched_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-        upgrade(url)
-        yield url
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+def own_database_url(private_database_url: str) -> str:
+    """A fresh, migrated database of the session's kind (the shared ``private_database_url``)."""
+    return private_database_url
 
 
 @pytest.fixture

@@ -34,18 +34,18 @@ from typing import IO, Any
 import pytest
 import redis
 import standardwebhooks
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
 from scheduler.__main__ import INTERVALS
 from scheduler.leader import LeaderLock
-from shared.db import make_engine, make_sessionmaker, upgrade
+from shared.db import make_engine, make_sessionmaker
 from shared.ids import new_id
 from shared.models import Batch, Tenant, WebhookDelivery
 from shared.settings import Settings
 from shared.webhooks.events import emit
-from tests.conftest import POSTGRES_URL, new_key, settings_env
+from tests.conftest import new_key, settings_env
 from tests.helpers import poll
 
 pytestmark = [
@@ -165,25 +165,9 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def own_database_url(settings: Settings, tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated database of the session's kind (SQLite file or PostgreSQL database)."""
-    if settings.is_sqlite:
-        url = f"sqlite:///{tmp_path / 'replicas.db'}"
-        upgrade(url)
-        yield url
-        return
-    name = f"conclave_repl_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-        upgrade(url)
-        yield url
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+def own_database_url(private_database_url: str) -> str:
+    """A fresh, migrated database of the session's kind (the shared ``private_database_url``)."""
+    return private_database_url
 
 
 @pytest.fixture
