@@ -7,6 +7,13 @@ from typing import Any
 import orjson
 from fastapi.responses import Response
 
+from api.schemas import ErrorResponse
+
+# Every route documents SPEC's error body for the statuses the API can answer with.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 402, 403, 404, 409, 413, 422, 429, 503)
+}
+
 
 class JSONBytes(Response):
     media_type = "application/json"

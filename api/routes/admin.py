@@ -10,8 +10,7 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from api.deps import OperatorDep, SessionDep, StateDep
-from api.responses import JSONBytes
-from api.routes.batches import _ERRORS
+from api.responses import ERROR_RESPONSES, JSONBytes
 from shared.metrics import recent_counts
 from shared.models import ProviderCall
 from shared.providers.ratelimit import Limit
@@ -21,7 +20,7 @@ from workers.heartbeat import DEAD_AFTER_S
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
-@router.get("/queues", responses=_ERRORS)
+@router.get("/queues", responses=ERROR_RESPONSES)
 def queues(state: StateDep, principal: OperatorDep) -> JSONBytes:
     client = state.broker.client
     ns = state.broker.namespace
@@ -65,7 +64,7 @@ def queues(state: StateDep, principal: OperatorDep) -> JSONBytes:
     )
 
 
-@router.get("/providers", responses=_ERRORS)
+@router.get("/providers", responses=ERROR_RESPONSES)
 def providers(state: StateDep, session: SessionDep, principal: OperatorDep) -> JSONBytes:
     client = state.broker.client
     ns = state.broker.namespace

@@ -14,17 +14,14 @@ from opentelemetry.trace import SpanKind
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, StateDep, WriterDep
-from api.responses import JSONBytes
-from api.schemas import BatchCreate, BatchList, BatchObject, ErrorResponse
+from api.responses import ERROR_RESPONSES, JSONBytes
+from api.schemas import BatchCreate, BatchList, BatchObject
 from shared import batches
 from shared.queries import iter_results
 from shared.tracing import carrier, tracer
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)
-}
 BatchStatus = Literal[
     "validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled", "expired"
 ]
@@ -40,7 +37,7 @@ BATCH_STATUSES = (
 )
 
 
-@router.post("", status_code=202, response_model=BatchObject, responses=_ERRORS)
+@router.post("", status_code=202, response_model=BatchObject, responses=ERROR_RESPONSES)
 async def create_batch(
     payload: BatchCreate,
     state: StateDep,
@@ -66,7 +63,7 @@ async def create_batch(
     return JSONBytes(batches.batch_object(batch, counts), status_code=202)
 
 
-@router.get("", response_model=BatchList, responses=_ERRORS)
+@router.get("", response_model=BatchList, responses=ERROR_RESPONSES)
 def list_batches(
     session: SessionDep,
     principal: PrincipalDep,
@@ -90,13 +87,13 @@ def list_batches(
     )
 
 
-@router.get("/{batch_id}", response_model=BatchObject, responses=_ERRORS)
+@router.get("/{batch_id}", response_model=BatchObject, responses=ERROR_RESPONSES)
 def get_batch(batch_id: str, session: SessionDep, principal: PrincipalDep) -> JSONBytes:
     batch = batches.get_batch(session, principal.tenant_id, batch_id)
     return JSONBytes(batches.batch_object(batch, batches.counts_for(session, [batch.id])[batch.id]))
 
 
-@router.post("/{batch_id}/cancel", response_model=BatchObject, responses=_ERRORS)
+@router.post("/{batch_id}/cancel", response_model=BatchObject, responses=ERROR_RESPONSES)
 def cancel_batch(batch_id: str, state: StateDep, principal: WriterDep) -> JSONBytes:
     batch, counts = batches.cancel_batch(state.sessions, principal.tenant_id, batch_id)
     return JSONBytes(batches.batch_object(batch, counts))
@@ -156,7 +153,7 @@ def _chunked(lines: Iterator[bytes], size: int = 64 * 1024) -> Iterator[bytes]:
 
 @router.get(
     "/{batch_id}/results",
-    responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}, **_ERRORS},
+    responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}, **ERROR_RESPONSES},
     response_class=StreamingResponse,
 )
 def batch_results(

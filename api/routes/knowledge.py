@@ -10,8 +10,7 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from api.deps import AdminDep, PrincipalDep, SessionDep, StateDep
-from api.responses import JSONBytes
-from api.routes.batches import _ERRORS
+from api.responses import ERROR_RESPONSES, JSONBytes
 from shared.knowledge import feeds
 from shared.knowledge.search import search_articles
 from shared.models import Article
@@ -35,7 +34,7 @@ def _list(rows: list[dict]) -> dict:
     }
 
 
-@router.post("/feeds", status_code=201, responses=_ERRORS)
+@router.post("/feeds", status_code=201, responses=ERROR_RESPONSES)
 def add_feed(body: FeedIn, state: StateDep, principal: AdminDep) -> JSONBytes:
     with state.sessions.begin() as session:
         feed = feeds.add_feed(
@@ -49,12 +48,12 @@ def add_feed(body: FeedIn, state: StateDep, principal: AdminDep) -> JSONBytes:
         return JSONBytes(feeds.feed_object(feed), status_code=201)
 
 
-@router.get("/feeds", responses=_ERRORS)
+@router.get("/feeds", responses=ERROR_RESPONSES)
 def list_feeds(session: SessionDep, principal: PrincipalDep) -> JSONBytes:
     return JSONBytes(_list([feeds.feed_object(f) for f in feeds.list_feeds(session, principal.tenant_id)]))
 
 
-@router.post("/feeds/{feed_id}/import", status_code=202, responses=_ERRORS)
+@router.post("/feeds/{feed_id}/import", status_code=202, responses=ERROR_RESPONSES)
 def import_now(feed_id: str, state: StateDep, principal: AdminDep) -> JSONBytes:
     with state.sessions.begin() as session:
         return JSONBytes(
@@ -62,14 +61,14 @@ def import_now(feed_id: str, state: StateDep, principal: AdminDep) -> JSONBytes:
         )
 
 
-@router.delete("/feeds/{feed_id}", responses=_ERRORS)
+@router.delete("/feeds/{feed_id}", responses=ERROR_RESPONSES)
 def delete_feed(feed_id: str, state: StateDep, principal: AdminDep) -> JSONBytes:
     with state.sessions.begin() as session:
         feeds.remove_feed(session, principal.tenant_id, feed_id)
     return JSONBytes({"id": feed_id, "object": "feed", "deleted": True})
 
 
-@router.get("/articles", responses=_ERRORS)
+@router.get("/articles", responses=ERROR_RESPONSES)
 def list_articles(
     session: SessionDep,
     principal: PrincipalDep,
@@ -88,6 +87,6 @@ def list_articles(
     return JSONBytes(_list([feeds.article_object(a) for a in articles]))
 
 
-@router.get("/articles/{article_id}", responses=_ERRORS)
+@router.get("/articles/{article_id}", responses=ERROR_RESPONSES)
 def get_article(article_id: str, session: SessionDep, principal: PrincipalDep) -> JSONBytes:
     return JSONBytes(feeds.get_article(session, principal.tenant_id, article_id))

@@ -9,8 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from api.deps import PrincipalDep, SessionDep
-from api.responses import JSONBytes
-from api.routes.batches import _ERRORS
+from api.responses import ERROR_RESPONSES, JSONBytes
 from shared.errors import InvalidField
 from shared.usage import month_start, usage_report
 
@@ -34,7 +33,7 @@ def parse_instant(value: str | None, param: str, default: int) -> int:
     return int(parsed.timestamp())
 
 
-@router.get("/v1/usage", responses=_ERRORS)
+@router.get("/v1/usage", responses=ERROR_RESPONSES)
 def usage(
     session: SessionDep,
     principal: PrincipalDep,

@@ -8,8 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from api.deps import AdminDep, PrincipalDep, SessionDep, StateDep
-from api.responses import JSONBytes
-from api.routes.batches import _ERRORS
+from api.responses import ERROR_RESPONSES, JSONBytes
 from shared.webhooks import endpoints
 
 router = APIRouter(tags=["webhooks"])
@@ -35,7 +34,7 @@ def _page(rows: list[dict], has_more: bool) -> dict:
     }
 
 
-@router.post("/v1/webhooks", status_code=201, responses=_ERRORS)
+@router.post("/v1/webhooks", status_code=201, responses=ERROR_RESPONSES)
 def register_webhook(body: EndpointIn, state: StateDep, principal: AdminDep) -> JSONBytes:
     with state.sessions.begin() as session:
         endpoint = endpoints.register_endpoint(
@@ -48,25 +47,25 @@ def register_webhook(body: EndpointIn, state: StateDep, principal: AdminDep) -> 
         return JSONBytes(endpoints.endpoint_object(endpoint), status_code=201)
 
 
-@router.get("/v1/webhooks", responses=_ERRORS)
+@router.get("/v1/webhooks", responses=ERROR_RESPONSES)
 def list_webhooks(session: SessionDep, principal: PrincipalDep) -> JSONBytes:
     rows = [endpoints.endpoint_object(e) for e in endpoints.list_endpoints(session, principal.tenant_id)]
     return JSONBytes(_page(rows, False))
 
 
-@router.get("/v1/webhook-secret", responses=_ERRORS)
+@router.get("/v1/webhook-secret", responses=ERROR_RESPONSES)
 def get_secret(session: SessionDep, principal: AdminDep) -> JSONBytes:
     return JSONBytes({"secret": endpoints.current_secret(session, principal.tenant_id)})
 
 
-@router.post("/v1/webhook-secret/rotate", responses=_ERRORS)
+@router.post("/v1/webhook-secret/rotate", responses=ERROR_RESPONSES)
 def rotate_secret(state: StateDep, principal: AdminDep) -> JSONBytes:
     with state.sessions.begin() as session:
         secret, old_expires_at = endpoints.rotate_secret(session, principal.tenant_id)
     return JSONBytes({"secret": secret, "previous_secret_expires_at": old_expires_at})
 
 
-@router.get("/v1/webhooks/deliveries", responses=_ERRORS)
+@router.get("/v1/webhooks/deliveries", responses=ERROR_RESPONSES)
 def list_deliveries(
     session: SessionDep,
     principal: PrincipalDep,
@@ -80,7 +79,7 @@ def list_deliveries(
     return JSONBytes(_page([endpoints.delivery_object(d) for d in rows], has_more))
 
 
-@router.post("/v1/webhooks/deliveries/{delivery_id}/redeliver", responses=_ERRORS)
+@router.post("/v1/webhooks/deliveries/{delivery_id}/redeliver", responses=ERROR_RESPONSES)
 def redeliver(delivery_id: str, state: StateDep, principal: AdminDep) -> JSONBytes:
     with state.sessions.begin() as session:
         delivery = endpoints.redeliver(session, principal.tenant_id, delivery_id)
@@ -88,7 +87,7 @@ def redeliver(delivery_id: str, state: StateDep, principal: AdminDep) -> JSONByt
 
 
 # Declared last: a path parameter would otherwise also match /v1/webhooks/deliveries.
-@router.delete("/v1/webhooks/{webhook_id}", responses=_ERRORS)
+@router.delete("/v1/webhooks/{webhook_id}", responses=ERROR_RESPONSES)
 def delete_webhook(webhook_id: str, state: StateDep, principal: AdminDep) -> JSONBytes:
     with state.sessions.begin() as session:
         endpoints.delete_endpoint(session, principal.tenant_id, webhook_id)
