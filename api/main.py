@@ -27,7 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, "conclave-api")
     setup_tracing(settings, "conclave-api")
-    engine = make_engine(settings.database_url, pool_size=20)
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
     broker = make_broker(settings.redis_url, settings.queue_namespace)
     limiter = SlidingWindow(broker.client, settings.queue_namespace) if settings.rate_limits_enabled else None
     metrics_buffer = MetricsBuffer(broker.client, settings.queue_namespace)

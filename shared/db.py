@@ -31,7 +31,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             json_deserializer=orjson.loads,
             connect_args={"check_same_thread": False, "timeout": 60},
             pool_size=pool_size,
-            max_overflow=pool_size * 2,
+            max_overflow=pool_size,
         )
 
         @event.listens_for(engine, "connect")
@@ -51,7 +51,10 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
         pool_size=pool_size,
-        max_overflow=pool_size * 2,
+        # Bounded: every process of a deployment shares the server's max_connections (100 by
+        # default); threads wait for a connection (pool_timeout) rather than open another.
+        max_overflow=pool_size,
+        pool_timeout=60,
         pool_pre_ping=True,
     )
 

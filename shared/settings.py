@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=200_000, ge=1)
     default_completion_window: str = "24h"
 
+    # Database connections per process (and as many again in overflow).
+    db_pool_size: int = Field(default=8, ge=1)
+
     # Knowledge feeds: limits of one fetch.
     feed_fetch_timeout_s: float = Field(default=20.0, gt=0)
     feed_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)

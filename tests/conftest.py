@@ -171,6 +171,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         # Test receivers listen on 127.0.0.1; refusal of private addresses is tested in-process.
         "CONCLAVE_WEBHOOK_ALLOW_PRIVATE": "true",
         "CONCLAVE_IP_REQUESTS_PER_MINUTE": str(settings.ip_requests_per_minute),
+        # Several stacks run at once against one PostgreSQL (max_connections 100): keep each
+        # process to 8 connections.
+        "CONCLAVE_DB_POOL_SIZE": "4",
     }
 
 

@@ -38,6 +38,7 @@ from workers.runner import Runner
 from workers.spans import record_call_spans
 
 log = logging.getLogger("conclave.worker")
+DB_RETRY_DELAY_MS = 5_000
 settings = get_settings()
 broker = install_broker(settings.redis_url, settings.queue_namespace)
 WORKER_ID = worker_identity(broker)
@@ -58,7 +59,7 @@ class WorkerContext:
         self.settings = settings
         setup_tracing(settings, "conclave-worker")
         configure_logging(settings.log_level, "conclave-worker")
-        self.sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=16))
+        self.sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=settings.db_pool_size))
         self.catalog = load_catalog(settings.providers_file, settings.sim_provider_url)
         self.runner = Runner(
             self.catalog,
