@@ -20,3 +20,16 @@ class JSONBytes(Response):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
+
+def list_page(rows: list[dict[str, Any]], has_more: bool = False) -> JSONBytes:
+    """SPEC's list envelope: ``{"object": "list", "data", "has_more", "first_id", "last_id"}``."""
+    return JSONBytes(
+        {
+            "object": "list",
+            "data": rows,
+            "has_more": has_more,
+            "first_id": rows[0]["id"] if rows and "id" in rows[0] else None,
+            "last_id": rows[-1]["id"] if rows and "id" in rows[-1] else None,
+        }
+    )

@@ -115,6 +115,26 @@ def private_database_url(tmp_path: Path) -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture
+def own_database_url(private_database_url: str) -> str:
+    return private_database_url
+
+
+@pytest.fixture
+def own_sessions(private_database_url: str) -> Iterator[Any]:
+    """Sessions on the test's private database."""
+    engine = make_engine(private_database_url, pool_size=4)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def sim_server() -> Iterator[SimServer]:
     with SimServer(SimConfig(seed=1234)) as server:

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from api.deps import OperatorDep, SessionDep, StateDep
-from api.responses import ERROR_RESPONSES, JSONBytes
+from api.responses import ERROR_RESPONSES, JSONBytes, list_page
 from shared.metrics import recent_counts
 from shared.models import ProviderCall
 from shared.providers.ratelimit import Limit
@@ -96,7 +96,7 @@ def providers(state: StateDep, session: SessionDep, principal: OperatorDep) -> J
                 else None,
             }
         )
-    return JSONBytes({"object": "list", "data": data, "has_more": False})
+    return list_page(data)
 
 
 # Latency percentiles are over the last quarter hour of recorded attempts.

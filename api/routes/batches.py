@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanKind
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, StateDep, WriterDep
-from api.responses import ERROR_RESPONSES, JSONBytes
+from api.responses import ERROR_RESPONSES, JSONBytes, list_page
 from api.schemas import BatchCreate, BatchList, BatchObject
 from shared import batches
 from shared.queries import iter_results
@@ -76,15 +76,7 @@ def list_batches(
     )
     counts = batches.counts_for(session, [b.id for b in rows])
     data = [batches.batch_object(b, counts[b.id]) for b in rows]
-    return JSONBytes(
-        {
-            "object": "list",
-            "data": data,
-            "has_more": has_more,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-        }
-    )
+    return list_page(data, has_more)
 
 
 @router.get("/{batch_id}", response_model=BatchObject, responses=ERROR_RESPONSES)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import AdminDep, SessionDep, StateDep
-from api.responses import ERROR_RESPONSES, JSONBytes
+from api.responses import ERROR_RESPONSES, JSONBytes, list_page
 from shared import tenants
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
@@ -28,15 +28,7 @@ def create_key(body: KeyIn, state: StateDep, principal: AdminDep) -> JSONBytes:
 @router.get("", responses=ERROR_RESPONSES)
 def list_keys(session: SessionDep, principal: AdminDep) -> JSONBytes:
     rows = [tenants.key_object(k) for k in tenants.list_keys(session, principal.tenant_id)]
-    return JSONBytes(
-        {
-            "object": "list",
-            "data": rows,
-            "has_more": False,
-            "first_id": rows[0]["id"] if rows else None,
-            "last_id": rows[-1]["id"] if rows else None,
-        }
-    )
+    return list_page(rows)
 
 
 @router.delete("/{key_id}", responses=ERROR_RESPONSES)

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from api.deps import AdminDep, PrincipalDep, SessionDep, StateDep
-from api.responses import ERROR_RESPONSES, JSONBytes
+from api.responses import ERROR_RESPONSES, JSONBytes, list_page
 from shared.knowledge import feeds
 from shared.knowledge.search import search_articles
 from shared.models import Article
@@ -22,16 +22,6 @@ class FeedIn(BaseModel):
     url: str = Field(max_length=2048, pattern=r"^https?://[^/?#\s]+")
     domain: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     interval_minutes: int = Field(default=60, ge=5, le=7 * 24 * 60)
-
-
-def _list(rows: list[dict]) -> dict:
-    return {
-        "object": "list",
-        "data": rows,
-        "has_more": False,
-        "first_id": rows[0]["id"] if rows else None,
-        "last_id": rows[-1]["id"] if rows else None,
-    }
 
 
 @router.post("/feeds", status_code=201, responses=ERROR_RESPONSES)
@@ -50,7 +40,7 @@ def add_feed(body: FeedIn, state: StateDep, principal: AdminDep) -> JSONBytes:
 
 @router.get("/feeds", responses=ERROR_RESPONSES)
 def list_feeds(session: SessionDep, principal: PrincipalDep) -> JSONBytes:
-    return JSONBytes(_list([feeds.feed_object(f) for f in feeds.list_feeds(session, principal.tenant_id)]))
+    return list_page([feeds.feed_object(f) for f in feeds.list_feeds(session, principal.tenant_id)])
 
 
 @router.post("/feeds/{feed_id}/import", status_code=202, responses=ERROR_RESPONSES)
@@ -79,12 +69,12 @@ def list_articles(
     if q:
         found = search_articles(session, principal.tenant_id, q, domain=domain, limit=limit)
         rows = [{k: v for k, v in r.items() if k != "content"} | {"object": "article"} for r in found]
-        return JSONBytes(_list(rows))
+        return list_page(rows)
     stmt = select(Article).where(col(Article.tenant_id) == principal.tenant_id)
     if domain:
         stmt = stmt.where(col(Article.domain) == domain)
     articles = session.scalars(stmt.order_by(col(Article.published_at).desc(), col(Article.id)).limit(limit))
-    return JSONBytes(_list([feeds.article_object(a) for a in articles]))
+    return list_page([feeds.article_object(a) for a in articles])
 
 
 @router.get("/articles/{article_id}", responses=ERROR_RESPONSES)

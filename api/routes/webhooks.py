@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from api.deps import AdminDep, PrincipalDep, SessionDep, StateDep
-from api.responses import ERROR_RESPONSES, JSONBytes
+from api.responses import ERROR_RESPONSES, JSONBytes, list_page
 from shared.webhooks import endpoints
 
 router = APIRouter(tags=["webhooks"])
@@ -22,16 +22,6 @@ EventType = Literal[
 class EndpointIn(BaseModel):
     url: str = Field(max_length=2048, pattern=r"^https?://[^/?#\s]+")
     events: list[EventType] = Field(min_length=1, max_length=16)
-
-
-def _page(rows: list[dict], has_more: bool) -> dict:
-    return {
-        "object": "list",
-        "data": rows,
-        "has_more": has_more,
-        "first_id": rows[0]["id"] if rows else None,
-        "last_id": rows[-1]["id"] if rows else None,
-    }
 
 
 @router.post("/v1/webhooks", status_code=201, responses=ERROR_RESPONSES)
@@ -50,7 +40,7 @@ def register_webhook(body: EndpointIn, state: StateDep, principal: AdminDep) -> 
 @router.get("/v1/webhooks", responses=ERROR_RESPONSES)
 def list_webhooks(session: SessionDep, principal: PrincipalDep) -> JSONBytes:
     rows = [endpoints.endpoint_object(e) for e in endpoints.list_endpoints(session, principal.tenant_id)]
-    return JSONBytes(_page(rows, False))
+    return list_page(rows)
 
 
 @router.get("/v1/webhook-secret", responses=ERROR_RESPONSES)
@@ -76,7 +66,7 @@ def list_deliveries(
     rows, has_more = endpoints.list_deliveries(
         session, principal.tenant_id, status=status, limit=limit, after=after
     )
-    return JSONBytes(_page([endpoints.delivery_object(d) for d in rows], has_more))
+    return list_page([endpoints.delivery_object(d) for d in rows], has_more)
 
 
 @router.post("/v1/webhooks/deliveries/{delivery_id}/redeliver", responses=ERROR_RESPONSES)

@@ -28,7 +28,6 @@ from api.main import create_app
 from scheduler.jobs.costs import budget_checks, daily_summaries
 from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.webhooks import Dispatcher
-from shared.db import make_engine, make_sessionmaker
 from shared.models import PROVIDER_CALLS, Batch, Notice, Query, Tenant, WebhookDelivery
 from shared.queries import claim_query, iter_results
 from shared.settings import Settings
@@ -48,26 +47,6 @@ def ts(iso: str) -> int:
 
 
 # ---------------------------------------------------------------- a private database and namespace
-
-
-@pytest.fixture
-def own_database_url(private_database_url: str) -> str:
-    """A fresh, migrated database of the session's kind (the shared ``private_database_url``)."""
-    return private_database_url
-
-
-@pytest.fixture
-def own_sessions(own_database_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(own_database_url, pool_size=4)
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def rclient(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_url)
-    yield client
-    client.close()
 
 
 @pytest.fixture

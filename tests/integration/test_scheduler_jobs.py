@@ -27,7 +27,6 @@ from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.reconcile import GRACE_S, reconcile
 from scheduler.leader import LeaderLock
 from shared.batches import cancel_batch, counts_for, create_batch
-from shared.db import make_engine, make_sessionmaker
 from shared.models import Batch, Query
 from shared.providers.config import load_catalog
 from shared.queries import claim_query, finalize_if_done, record_outcome
@@ -52,19 +51,6 @@ def delete_keys(client: redis.Redis, pattern: str) -> None:
 
 
 @pytest.fixture
-def own_database_url(private_database_url: str) -> str:
-    """A fresh, migrated database of the session's kind (the shared ``private_database_url``)."""
-    return private_database_url
-
-
-@pytest.fixture
-def own_sessions(own_database_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(own_database_url, pool_size=2)
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
-@pytest.fixture
 def own_settings(settings: Settings, namespace: str, own_database_url: str) -> Settings:
     return settings.model_copy(
         update={
@@ -72,13 +58,6 @@ def own_settings(settings: Settings, namespace: str, own_database_url: str) -> S
             "database_url": own_database_url,
         }
     )
-
-
-@pytest.fixture
-def rclient(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_url)
-    yield client
-    client.close()
 
 
 @pytest.fixture
