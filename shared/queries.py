@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
@@ -24,6 +24,7 @@ from shared.db import affected
 from shared.errors import NotFound
 from shared.models import (
     PROVIDER_CALLS,
+    QUERIES,
     QUERY_OPEN,
     QUERY_TERMINAL,
     Batch,
@@ -71,33 +72,34 @@ def claim_query(
     session: Session, query_id: str, worker_id: str, lease_s: int, now: int
 ) -> ClaimedQuery | None:
     """Take a query for this worker, or None when it is not ours to run (done, cancelled, held)."""
-    row = session.execute(
-        update(Query)
+    return claim_queries(session, [query_id], worker_id, lease_s, now).get(query_id)
+
+
+def claim_queries(
+    session: Session, query_ids: Sequence[str], worker_id: str, lease_s: int, now: int
+) -> dict[str, ClaimedQuery]:
+    """Take many queries for this worker in one statement; those missing from the answer are
+    not ours to run. Core statements, not ORM ones: this is the worker's hottest write and the
+    ORM's bulk-update bookkeeping cost more than the statement itself."""
+    q = QUERIES.c
+    rows = session.execute(
+        update(QUERIES)
         .where(
-            col(Query.id) == query_id,
-            or_(
-                col(Query.status) == "queued",
-                (col(Query.status) == "running") & (col(Query.lease_expires_at) < now),
-            ),
+            q.id.in_(sorted(set(query_ids))),
+            or_(q.status == "queued", (q.status == "running") & (q.lease_expires_at < now)),
         )
         .values(
             status="running",
             worker_id=worker_id,
             lease_expires_at=now + lease_s,
-            attempts=col(Query.attempts) + 1,
+            attempts=q.attempts + 1,
             started_at=now,
         )
-        .returning(
-            col(Query.batch_id),
-            col(Query.tenant_id),
-            col(Query.priority),
-            col(Query.request),
-            col(Query.attempts),
-        )
-    ).first()
-    if row is None:
-        return None
-    return ClaimedQuery(query_id, row.batch_id, row.tenant_id, row.priority, row.request, row.attempts)
+        .returning(q.id, q.batch_id, q.tenant_id, q.priority, q.request, q.attempts)
+    ).all()
+    return {
+        r.id: ClaimedQuery(r.id, r.batch_id, r.tenant_id, r.priority, r.request, r.attempts) for r in rows
+    }
 
 
 def batch_config(session: Session, batch_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -105,6 +107,20 @@ def batch_config(session: Session, batch_id: str) -> tuple[dict[str, Any], dict[
         select(col(Batch.council), col(Batch.knowledge)).where(col(Batch.id) == batch_id)
     ).one()
     return row.council, row.knowledge
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one claimed query ended, with every provider call it made."""
+
+    claimed: ClaimedQuery
+    status: str
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    routing: dict[str, Any] | None
+    calls: Sequence[CallRecord]
+    latency_ms: int
+    now: int
 
 
 def record_outcome(
@@ -121,44 +137,63 @@ def record_outcome(
     now: int,
 ) -> bool:
     """Store the calls and the outcome. Returns False when the query was no longer ours."""
+    outcome = Outcome(claimed, status, result, error, routing, calls, latency_ms, now)
+    return record_outcomes(session, [outcome], worker_id)[0]
+
+
+def record_outcomes(session: Session, outcomes: Sequence[Outcome], worker_id: str) -> list[bool]:
+    """Store many outcomes in the caller's transaction; for each, whether it was still ours to
+    write (a query taken over by another worker, expired or cancelled keeps what it has)."""
+    calls = [
+        {
+            **c.row(),
+            "query_id": o.claimed.id,
+            "batch_id": o.claimed.batch_id,
+            "tenant_id": o.claimed.tenant_id,
+        }
+        for o in outcomes
+        for c in o.calls
+    ]
     if calls:
-        # Calls are recorded even when the outcome is not ours to write: they were made and cost money.
-        session.execute(
-            insert(PROVIDER_CALLS),
-            [
-                {
-                    **c.row(),
-                    "query_id": claimed.id,
-                    "batch_id": claimed.batch_id,
-                    "tenant_id": claimed.tenant_id,
-                }
-                for c in calls
-            ],
-        )
-    input_tokens = sum(c.input_tokens for c in calls)
-    output_tokens = sum(c.output_tokens for c in calls)
-    cost = sum(c.cost_usd for c in calls)
-    written = affected(
-        session.execute(
-            update(Query)
-            .where(
-                col(Query.id) == claimed.id, col(Query.status) == "running", col(Query.worker_id) == worker_id
-            )
-            .values(
-                status=status,
-                result=result,
-                error=error,
-                routing=routing,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                cost_usd=cost,
-                latency_ms=latency_ms,
-                finished_at=now,
-                lease_expires_at=None,
-            )
+        # Calls are recorded even when the outcome is not ours to write: they were made and cost
+        # money. On SQLite this first write also takes the database's write lock, so the read
+        # below cannot go stale before the update.
+        session.execute(insert(PROVIDER_CALLS), calls)
+    q = QUERIES.c
+    ids = sorted({o.claimed.id for o in outcomes})
+    # Which of them do we still hold? Locked (PostgreSQL) so the answer holds until commit; an
+    # executemany UPDATE only reports the total of rows it changed, not which ones.
+    held = set(
+        session.scalars(
+            select(q.id)
+            .where(q.id.in_(ids), q.status == "running", q.worker_id == worker_id)
+            .order_by(q.id)
+            .with_for_update()
         )
     )
-    return bool(written)
+    rows = [
+        {
+            "_id": o.claimed.id,
+            "status": o.status,
+            "result": o.result,
+            "error": o.error,
+            "routing": o.routing,
+            "input_tokens": sum(c.input_tokens for c in o.calls),
+            "output_tokens": sum(c.output_tokens for c in o.calls),
+            "cost_usd": sum(c.cost_usd for c in o.calls),
+            "latency_ms": o.latency_ms,
+            "finished_at": o.now,
+            "lease_expires_at": None,
+        }
+        for o in outcomes
+        if o.claimed.id in held
+    ]
+    if rows:
+        session.execute(
+            update(QUERIES).where(q.id == bindparam("_id")),
+            rows,
+        )
+    return [o.claimed.id in held for o in outcomes]
 
 
 def finalize_if_done(session: Session, batch_id: str, now: int | None = None) -> str | None:
@@ -194,6 +229,16 @@ def finalize_if_done(session: Session, batch_id: str, now: int | None = None) ->
             emit_batch_event(session, batch_id, to_status, now)
             return to_status
     return None
+
+
+def finalize_batches(session: Session, batch_ids: Sequence[str], now: int | None = None) -> dict[str, str]:
+    """``finalize_if_done`` for several batches in one transaction; returns those it finalised."""
+    done: dict[str, str] = {}
+    for batch_id in sorted(set(batch_ids)):
+        status = finalize_if_done(session, batch_id, now)
+        if status:
+            done[batch_id] = status
+    return done
 
 
 # ---------------------------------------------------------------- results

@@ -2,8 +2,16 @@
 and record the outcome. One message = one query; one actor per priority queue.
 
 Run with ``dramatiq workers.actors --queues high normal low --processes P --threads T``: each
-thread carries one query; database work runs in the thread, provider calls on the one event
-loop the AsyncIO middleware owns, through one pooled HTTP client per process.
+thread carries one query; provider calls run on the one event loop the AsyncIO middleware
+owns, through one pooled HTTP client per process; claims and outcomes go through coalescers
+(``workers.coalesce``) that write the whole process's in-flight queries in few transactions.
+
+Why a thread per query and not one asyncio consumer: measured with ``benchmarks/council.py``
+(5,000 queries, 2 s simulated latency, 2 processes × 256 threads) the threads cost little —
+they sleep on a future while the event loop works — and the batch finished within 1.12× of the
+ideal makespan at about 155 MB per process. Replacing dramatiq's worker would also mean
+re-doing its prefetch, acks, heartbeats and shutdown; what cost CPU was the per-query
+database round trips, which the coalescers remove.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import dramatiq
@@ -19,6 +28,7 @@ import redis
 import redis.asyncio as aioredis
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.middleware import CurrentMessage
+from sqlalchemy.exc import OperationalError
 
 from shared.db import make_engine, make_sessionmaker
 from shared.knowledge.grounding import ground
@@ -27,10 +37,19 @@ from shared.metrics import MetricsBuffer
 from shared.providers.config import load_catalog
 from shared.providers.http import make_client
 from shared.providers.registry import build_providers
-from shared.queries import CallRecord, batch_config, claim_query, finalize_if_done, record_outcome
+from shared.queries import (
+    CallRecord,
+    ClaimedQuery,
+    Outcome,
+    batch_config,
+    claim_queries,
+    finalize_batches,
+    record_outcomes,
+)
 from shared.settings import PRIORITIES, get_settings
 from shared.tracing import extract, setup_tracing, tracer
 from workers.broker import ACTOR_NAMES, ACTOR_PRIORITY, install_broker
+from workers.coalesce import Coalescer
 from workers.council import KnowledgeSnippet
 from workers.heartbeat import WorkerHeartbeat, worker_identity
 from workers.routing import route
@@ -38,7 +57,10 @@ from workers.runner import Runner
 from workers.spans import record_call_spans
 
 log = logging.getLogger("conclave.worker")
+# A query whose claim met a database error is sent again after this long (the database may be
+# restarting); reconciliation would find it too, but later.
 DB_RETRY_DELAY_MS = 5_000
+DB_WRITE_ATTEMPTS = 4
 settings = get_settings()
 broker = install_broker(settings.redis_url, settings.queue_namespace)
 WORKER_ID = worker_identity(broker)
@@ -80,6 +102,41 @@ class WorkerContext:
         # A batch's council never changes once accepted, so it is read once per process.
         self._batches: OrderedDict[str, tuple[dict[str, Any], dict[str, Any] | None]] = OrderedDict()
         self._lock = threading.Lock()
+        self.claims: Coalescer[str, ClaimedQuery | None] = Coalescer("claims", self._claim)
+        self.outcomes: Coalescer[Outcome, bool] = Coalescer("outcomes", self._record)
+
+    def _claim(self, query_ids: Sequence[str]) -> list[ClaimedQuery | None]:
+        now = int(time.time())
+        with self.sessions.begin() as session:
+            claimed = claim_queries(
+                session, query_ids, self.worker_id, self.settings.query_lease_seconds, now
+            )
+        # pop: should one message reach this process twice in a group, only one thread runs it.
+        return [claimed.pop(query_id, None) for query_id in query_ids]
+
+    def _record(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """Outcomes in one transaction, then their batches finalised in a second one (it must
+        start after the first commits; see ``shared.queries.finalize_if_done``)."""
+        for attempt in range(1, DB_WRITE_ATTEMPTS + 1):
+            try:
+                with self.sessions.begin() as session:
+                    written = record_outcomes(session, outcomes, self.worker_id)
+                break
+            except OperationalError as exc:
+                # A deadlock with a cancel or an expiry, a busy SQLite: the transaction is
+                # all-or-nothing, so it can simply run again. The provider calls it holds
+                # were paid for, so giving up early would lose them from the ledger.
+                if attempt == DB_WRITE_ATTEMPTS:
+                    raise
+                log.warning("recording %d outcomes failed (%s); retrying", len(outcomes), type(exc).__name__)
+                time.sleep(0.2 * 2**attempt)
+        batch_ids = [o.claimed.batch_id for o, ok in zip(outcomes, written, strict=True) if ok]
+        if batch_ids:
+            with self.sessions.begin() as session:
+                finals = finalize_batches(session, batch_ids, now=max(o.now for o in outcomes))
+            for batch_id, final in finals.items():
+                log.info("batch %s %s", batch_id, final)
+        return written
 
     def batch(self, session: Any, batch_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         with self._lock:
@@ -110,13 +167,19 @@ def context() -> WorkerContext:
 
 def _process_query(query_id: str, span: Any) -> None:
     ctx = context()
-    now = int(time.time())
-    with ctx.sessions.begin() as session:
-        claimed = claim_query(session, query_id, ctx.worker_id, ctx.settings.query_lease_seconds, now)
-        if claimed is None:
-            return  # finished, cancelled, or held by a live worker: nothing to do
+    try:
+        claimed = ctx.claims.submit(query_id)
+    except OperationalError as exc:
+        log.warning("claiming query %s failed (%s); sending it again", query_id, type(exc).__name__)
+        message = CurrentMessage.get_current_message()
+        if message is not None:
+            broker.enqueue(message.copy(), delay=DB_RETRY_DELAY_MS)
+        return
+    if claimed is None:
+        return  # finished, cancelled, or held by a live worker: nothing to do
+    batch_id_var.set(claimed.batch_id)
+    with ctx.sessions() as session:
         council, knowledge = ctx.batch(session, claimed.batch_id)
-        batch_id_var.set(claimed.batch_id)
         snippets = (
             ground(session, claimed.tenant_id, claimed.request["messages"], knowledge) if knowledge else []
         )
@@ -148,30 +211,15 @@ def _process_query(query_id: str, span: Any) -> None:
     latency_ms = int((time.perf_counter() - started) * 1000)
 
     finished = int(time.time())
-    with ctx.sessions.begin() as session:
-        written = record_outcome(
-            session,
-            claimed,
-            ctx.worker_id,
-            status=status,
-            result=record,
-            error=error,
-            routing=routing,
-            calls=calls,
-            latency_ms=latency_ms,
-            now=finished,
-        )
+    written = ctx.outcomes.submit(
+        Outcome(claimed, status, record, error, routing, calls, latency_ms, finished)
+    )
     record_metrics(calls, status)
     span.set_attribute("conclave.batch_id", claimed.batch_id)
     span.set_attribute("conclave.status", status)
     record_call_spans(span, calls)
     if not written:
         log.warning("query %s was taken over before it finished; its outcome was not written", claimed.id)
-        return
-    with ctx.sessions.begin() as session:
-        final = finalize_if_done(session, claimed.batch_id, now=finished)
-    if final:
-        log.info("batch %s %s", claimed.batch_id, final)
 
 
 def process_query(query_id: str) -> None:

@@ -7,7 +7,10 @@ Each run:
 2. queries ``running`` on a worker that stopped beating (``workers/heartbeat.py``) go back to
    ``queued`` and are enqueued again; so do those whose lease ran out;
 3. dramatiq's own maintenance runs on every queue, so messages a dead worker had prefetched
-   but not started go back to their queue now rather than at some random later time.
+   but not started go back to their queue now rather than at some random later time;
+4. a batch whose queries are all terminal but which is still ``in_progress`` or
+   ``cancelling`` (its last worker recorded the outcome, then lost the database before it
+   could finalise) is finalised, with its event.
 
 Running a query twice at once stays impossible: a worker only runs a query it moved to
 ``running`` itself, and only the holder it names may write its outcome.
@@ -21,12 +24,13 @@ import time
 import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import current_millis
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
 from shared.db import affected
-from shared.models import Query
+from shared.models import QUERY_OPEN, Batch, Query
+from shared.queries import finalize_batches
 from shared.settings import PRIORITIES
 from workers.broker import enqueue_messages, messages_exist, query_message
 from workers.heartbeat import DEAD_AFTER_S, dead_workers
@@ -53,7 +57,21 @@ class Reconciler:
         recovered = self._recover_dead_holders(now)
         recovered += self._recover_lost_messages(now)
         self._dramatiq_maintenance()
+        self._finalize_stragglers(now)
         return recovered
+
+    def _finalize_stragglers(self, now: int) -> None:
+        open_query = exists().where(col(Query.batch_id) == col(Batch.id), col(Query.status).in_(QUERY_OPEN))
+        with self.sessions.begin() as session:
+            stuck = session.scalars(
+                select(col(Batch.id))
+                .where(col(Batch.status).in_(("in_progress", "cancelling")), ~open_query)
+                .limit(100)
+            ).all()
+            if stuck:
+                done = finalize_batches(session, stuck, now)
+                if done:
+                    log.warning("finalised %d batches their last worker left unfinished", len(done))
 
     def _recover_lost_messages(self, now: int) -> int:
         with self.sessions() as session:
