@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10_000)
     parser.add_argument("--small-posts", type=int, default=300, help="100-query POSTs for the latency test")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
 
@@ -64,7 +65,7 @@ def main() -> None:
     rdb = redis.Redis.from_url(redis_.url)
     namespace = env["CONCLAVE_QUEUE_NAMESPACE"]
     try:
-        url = stack.start_api()
+        url = stack.start_api(workers=args.api_workers)
         api_pid = stack.procs[0].pid
         headers = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
         with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
@@ -112,7 +113,8 @@ def main() -> None:
     med = median(timings)
     print_table(
         f"Intake: {args.size:,}-query POST → 202 (persisted + enqueued), {args.runs} runs; "
-        f"DB {'SQLite' if db.startswith('sqlite') else 'PostgreSQL'}, Redis {redis_.kind}",
+        f"DB {'SQLite' if db.startswith('sqlite') else 'PostgreSQL'}, Redis {redis_.kind}, "
+        f"{args.api_workers} API process{'es' if args.api_workers > 1 else ''}",
         ["measure", "value"],
         [
             ["median time to 202", f"{med:.3f} s"],

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from dramatiq.brokers.redis import RedisBroker
@@ -155,9 +155,12 @@ def create_batch(
     payload: BatchCreate,
     idempotency_key: str | None = None,
     limits: TierLimits | None = None,
+    budget: float | Literal["lookup"] | None = "lookup",
     trace: dict[str, str] | None = None,
 ) -> tuple[Batch, Counts, bool]:
-    """Store and enqueue a batch. Returns (batch, counts, created); ``created`` is False for a replay."""
+    """Store and enqueue a batch. Returns (batch, counts, created); ``created`` is False for a replay.
+    ``budget``: the tenant's monthly budget when the caller knows it (the API's principal
+    carries it), saving a read per request; ``"lookup"`` reads it from the tenant."""
     fingerprint = request_fingerprint(payload) if idempotency_key else None
     if idempotency_key:
         with sessions() as session:
@@ -174,7 +177,7 @@ def create_batch(
         check_webhook_url(
             payload.webhook_url, allow_private=settings.webhook_allow_private, param="webhook_url"
         )
-    _check_budget(sessions, settings, tenant_id)
+    _check_budget(sessions, settings, tenant_id, budget)
     window = payload.completion_window or settings.default_completion_window
     try:
         window_s = parse_window(window)
@@ -308,12 +311,20 @@ def _check_tier(
         )
 
 
-def _check_budget(sessions: sessionmaker[Session], settings: Settings, tenant_id: str) -> None:
+def _check_budget(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant_id: str,
+    budget: float | Literal["lookup"] | None = "lookup",
+) -> None:
+    if budget is None:
+        return  # no budget: nothing to read
     with sessions() as session:
-        tenant = session.get(Tenant, tenant_id)
-        budget = budget_for(tenant, settings) if tenant else None
-        if budget is None:
-            return
+        if budget == "lookup":
+            tenant = session.get(Tenant, tenant_id)
+            budget = budget_for(tenant, settings) if tenant else None
+            if budget is None:
+                return
         spent = month_to_date_cost(session, tenant_id, int(time.time()))
     if spent >= budget:
         raise PaymentRequired(

@@ -150,9 +150,12 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def start_api(self, port: int | None = None) -> str:
+    def start_api(self, port: int | None = None, workers: int = 1) -> str:
         port = port or free_port()
-        self._spawn(f"api-{port}", [sys.executable, "-m", "shared.cli.main", "api", "--port", str(port)])
+        self._spawn(
+            f"api-{port}",
+            [sys.executable, "-m", "shared.cli.main", "api", "--port", str(port), "--workers", str(workers)],
+        )
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: http_ok(f"{url}/healthz"), 60, f"the API on port {port}")
         self.api_url = self.api_url or url

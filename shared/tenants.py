@@ -54,6 +54,13 @@ class Principal:
     is_operator: bool
     tier: str = "free"
     limit_overrides: dict[str, Any] | None = None
+    monthly_budget_usd: float | None = None  # the tenant's own; None = its tier's
+
+    def budget(self, settings: Settings) -> float | None:
+        """The monthly budget that applies (as ``shared.usage.budget_for``), without a query."""
+        if self.monthly_budget_usd is not None:
+            return self.monthly_budget_usd
+        return settings.tier_monthly_budget_usd.get(self.tier)
 
     def limits(self, settings: Settings) -> TierLimits:
         """The tier's limits with this tenant's overrides applied."""
@@ -101,6 +108,7 @@ def authenticate(session: Session, api_key: str | None) -> Principal:
             col(Tenant.is_operator),
             col(Tenant.tier),
             col(Tenant.limits),
+            col(Tenant.monthly_budget_usd),
         )
         .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
         .where(col(ApiKey.key_hash) == hash_key(api_key))
@@ -114,6 +122,7 @@ def authenticate(session: Session, api_key: str | None) -> Principal:
         is_operator=row.is_operator,
         tier=row.tier,
         limit_overrides=row.limits,
+        monthly_budget_usd=row.monthly_budget_usd,
     )
 
 

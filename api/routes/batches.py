@@ -57,6 +57,7 @@ async def create_batch(
             payload=payload,
             idempotency_key=idempotency_key,
             limits=principal.limits(state.settings),
+            budget=principal.budget(state.settings),
             trace=carrier(),
         )
         span.set_attribute("conclave.batch_id", batch.id)
