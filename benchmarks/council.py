@@ -95,6 +95,11 @@ def main() -> None:
             ["makespan / ideal", f"{makespan / ideal:.2f}" if ideal else "n/a"],
             ["queries per second", f"{args.queries / makespan:,.0f}"],
             ["peak provider calls in flight", stats["max_in_flight"]],
+            # Stages 1 and 2 make three calls per query at once.
+            [
+                "peak queries in flight per worker process",
+                f"{stats['max_in_flight'] / 3 / args.processes:.0f}",
+            ],
             ["worker CPU per provider call", f"{cpu / max(calls, 1) * 1000:.2f} ms"],
             ["worker CPU total", f"{cpu:.1f} s"],
             ["worker peak RSS (all processes)", f"{peak_rss:.0f} MB"],

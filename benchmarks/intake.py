@@ -93,10 +93,12 @@ def main() -> None:
                 client.post("/v1/batches", content=b).raise_for_status()
                 return (time.perf_counter() - t) * 1000
 
+            cpu_before = proc_tree_sample(api_pid)
             started = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
                 small = list(pool.map(post, bodies))
             small_wall = time.perf_counter() - started
+            small_cpu_ms = (proc_tree_sample(api_pid).cpu_s - cpu_before.cpu_s) / len(bodies) * 1000
             rss = proc_tree_sample(api_pid).rss_mb
         db = env["CONCLAVE_DATABASE_URL"]
         stored = None
@@ -124,6 +126,7 @@ def main() -> None:
             [f"100-query POST p50 ({args.concurrency} clients)", f"{percentile(small, 50):.1f} ms"],
             ["100-query POST p99", f"{percentile(small, 99):.1f} ms"],
             ["100-query POSTs per second", f"{len(small) / small_wall:.0f}"],
+            ["API CPU per 100-query POST", f"{small_cpu_ms:.1f} ms"],
             ["API RSS after", f"{rss:.0f} MB"],
             ["query rows stored", stored if stored is not None else "n/a"],
         ],
