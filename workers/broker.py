@@ -30,7 +30,7 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
-from dramatiq.middleware import AsyncIO, CurrentMessage, ShutdownNotifications, TimeLimit
+from dramatiq.middleware import AsyncIO, CurrentMessage, MiddlewareError, ShutdownNotifications, TimeLimit
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
@@ -251,10 +251,11 @@ def enqueue_messages(broker: RedisBroker, messages: Iterable[Message]) -> int:
     sent = 0
     by_queue: dict[str, list[Message]] = {}
     pending = 0
+    before = _hooks(broker, "before_enqueue")
     for message in messages:
         if "redis_message_id" not in message.options:
             message = message.copy(options={"redis_message_id": str(message.message_id)})
-        broker.emit_before("enqueue", message, None)
+        _emit(broker, before, message)
         by_queue.setdefault(message.queue_name, []).append(message)
         pending += 1
         if pending >= ENQUEUE_CHUNK:
@@ -263,6 +264,13 @@ def enqueue_messages(broker: RedisBroker, messages: Iterable[Message]) -> int:
     if pending:
         sent += _flush(broker, script, by_queue)
     return sent
+
+
+def _hooks(broker: RedisBroker, name: str) -> list[Any]:
+    """The middleware that define the hook: what ``broker.emit_before``/``emit_after`` would call
+    (the others are the base class's no-op), without a loop over every middleware per message."""
+    base = getattr(dramatiq.Middleware, name)
+    return [getattr(m, name) for m in broker.middleware if getattr(type(m), name, base) is not base]
 
 
 def _bulk_script(broker: RedisBroker) -> Any:
@@ -298,9 +306,22 @@ def _flush(broker: RedisBroker, script: Any, by_queue: dict[str, list[Message]])
 
 
 def _after_enqueue(broker: RedisBroker, messages: list[Message]) -> int:
+    after = _hooks(broker, "after_enqueue")
     for message in messages:
-        broker.emit_after("enqueue", message, None)
+        _emit(broker, after, message)
     return len(messages)
+
+
+def _emit(broker: RedisBroker, hooks: list[Any], message: Message) -> None:
+    # As Broker.emit_before/emit_after: a middleware's failure is logged, not raised, unless
+    # it is a MiddlewareError.
+    for hook in hooks:
+        try:
+            hook(broker, message, None)
+        except MiddlewareError:
+            raise
+        except Exception:
+            broker.logger.critical("Unexpected failure in %r.", hook, exc_info=True)
 
 
 def messages_exist(broker: RedisBroker, items: list[tuple[str, Priority]]) -> list[bool]:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 
+import dramatiq
 import pytest
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.message import Message
 
 from shared.settings import Priority
 from workers.broker import BULK_CHUNK, ENQUEUE_CHUNK, enqueue_messages, make_broker, query_message
@@ -68,3 +70,23 @@ def test_a_script_redis_forgot_is_loaded_again(broker: RedisBroker) -> None:
         == 2
     )
     assert [s[0] for s in drain(broker, "normal")] == ["query_a", "query_b"]
+
+
+def test_enqueue_middleware_sees_every_message(broker: RedisBroker) -> None:
+    seen: list[tuple[str, str]] = []
+
+    class Audit(dramatiq.Middleware):
+        def before_enqueue(self, broker: object, message: Message, delay: object) -> None:
+            seen.append(("before", message.message_id))
+
+        def after_enqueue(self, broker: object, message: Message, delay: object) -> None:
+            seen.append(("after", message.message_id))
+
+    broker.add_middleware(Audit())
+    enqueue_messages(broker, [query_message("query_a", "low"), query_message("query_b", "low")])
+    assert sorted(seen) == [
+        ("after", "query_a"),
+        ("after", "query_b"),
+        ("before", "query_a"),
+        ("before", "query_b"),
+    ]
