@@ -265,7 +265,7 @@ def _store_and_enqueue(
     try:
         with sessions.begin() as session:
             # Core inserts: the ORM's unit of work costs more than the statement for one row.
-            session.execute(insert(BATCHES).values(_batch_row(batch)))
+            session.execute(insert(BATCHES), [_batch_row(batch)])
             session.execute(insert(QUERIES), rows)
     except IntegrityError:
         if idempotency_key is None:

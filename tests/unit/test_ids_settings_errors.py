@@ -197,3 +197,16 @@ def test_param_from_loc_keeps_body_keys_that_look_like_locations(key: str) -> No
     # Only the first element says where the value came from; user keys (metadata is a free
     # dict of strings) may be named anything.
     assert param_from_loc(("body", "metadata", key)) == f"metadata.{key}"
+
+
+def test_bulk_ids_use_the_same_digits_as_single_ones() -> None:
+    import base64
+    import random
+
+    from shared.ids import _FROM_RFC4648, _encode
+
+    rng = random.Random(7)
+    for raw in [bytes(10), b"\xff" * 10, *(rng.randbytes(10) for _ in range(500))]:
+        assert base64.b32encode(raw).translate(_FROM_RFC4648).decode() == _encode(
+            int.from_bytes(raw, "big"), 16
+        )
