@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
 from api.schemas import BatchCreate
-from shared.db import affected
+from shared.db import affected, write_transaction
 from shared.errors import (
     Conflict,
     DependencyDown,
@@ -263,7 +263,7 @@ def _store_and_enqueue(
         for i, (qid, q) in enumerate(zip(query_ids, payload.queries, strict=True))
     ]
     try:
-        with sessions.begin() as session:
+        with write_transaction(sessions) as session:
             # Core inserts: the ORM's unit of work costs more than the statement for one row.
             session.execute(insert(BATCHES), [_batch_row(batch)])
             session.execute(insert(QUERIES), rows)

@@ -30,7 +30,7 @@ from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.middleware import CurrentMessage
 from sqlalchemy.exc import OperationalError
 
-from shared.db import make_engine, make_sessionmaker
+from shared.db import make_engine, make_sessionmaker, write_transaction
 from shared.knowledge.grounding import ground
 from shared.logs import batch_id_var, configure_logging
 from shared.metrics import MetricsBuffer
@@ -107,7 +107,7 @@ class WorkerContext:
 
     def _claim(self, query_ids: Sequence[str]) -> list[ClaimedQuery | None]:
         now = int(time.time())
-        with self.sessions.begin() as session:
+        with write_transaction(self.sessions) as session:
             claimed = claim_queries(
                 session, query_ids, self.worker_id, self.settings.query_lease_seconds, now
             )
@@ -119,7 +119,7 @@ class WorkerContext:
         start after the first commits; see ``shared.queries.finalize_if_done``)."""
         for attempt in range(1, DB_WRITE_ATTEMPTS + 1):
             try:
-                with self.sessions.begin() as session:
+                with write_transaction(self.sessions) as session:
                     written = record_outcomes(session, outcomes, self.worker_id)
                 break
             except OperationalError as exc:
@@ -132,7 +132,7 @@ class WorkerContext:
                 time.sleep(0.2 * 2**attempt)
         batch_ids = [o.claimed.batch_id for o, ok in zip(outcomes, written, strict=True) if ok]
         if batch_ids:
-            with self.sessions.begin() as session:
+            with write_transaction(self.sessions) as session:
                 finals = finalize_batches(session, batch_ids, now=max(o.now for o in outcomes))
             for batch_id, final in finals.items():
                 log.info("batch %s %s", batch_id, final)

@@ -315,6 +315,34 @@ def test_reconcile_hands_over_a_running_query_only_when_its_lease_expired(h: Har
     assert queries[live_q].worker_id == "worker-live"
 
 
+def test_reconcile_finalises_a_batch_its_last_worker_left_unfinished(h: Harness) -> None:
+    batch_id, query_ids = h.create(2)
+    now = int(time.time())
+    for qid in query_ids:
+        claimed = h.claim(qid, "worker-a", now=now)
+        # Outcome recorded, then the worker lost the database before finalising the batch.
+        with h.sessions.begin() as s:
+            assert record_outcome(
+                s,
+                claimed,
+                "worker-a",
+                status="succeeded",
+                result={"answer": "yes"},
+                error=None,
+                routing=None,
+                calls=[],
+                latency_ms=1,
+                now=now,
+            )
+    assert h.batch(batch_id).status == "in_progress"
+
+    reconcile(h.sessions, h.broker, now=now + 1)
+    batch = h.batch(batch_id)
+    assert batch.status == "completed" and batch.completed_at == now + 1
+    reconcile(h.sessions, h.broker, now=now + 2)  # nothing left to do, nothing moves
+    assert h.batch(batch_id).completed_at == now + 1
+
+
 # ---------------------------------------------------------------- expiry
 
 
