@@ -11,10 +11,17 @@ nothing (a burst of timeouts from calls started together arrives back to back ev
 provider that answers 95% of calls), while a provider that is really down fails nearly every
 call and trips the ratio within its first ``min_failures`` calls.
 
+The ratio's denominator is the calls *started* in the window, not the calls finished: errors
+come back in milliseconds while answers take seconds, so at the start of a burst the finished
+calls are nearly all failures even from a provider that answers 80% of them (the chaos suite
+saw a circuit open 1.3 s into a batch at a 20% error rate). Counting starts, that provider
+shows 20%; a dead one, whose every started call fails, crosses the ratio once that share of
+the calls it was sent has failed (calls that hang all time out together, so this costs little).
+
 Cost on the hot path: a failure is reported to Redis at once (failures must spread fast) with
-the successes counted since the last report; other successes are flushed at most once a
-second; each process re-reads the shared state at most every ``refresh_s``, so a circuit opened
-anywhere is seen everywhere within that time, without a Redis round trip per call.
+the calls started since the last report; other starts are flushed at most once a second; each
+process re-reads the shared state at most every ``refresh_s``, so a circuit opened anywhere
+is seen everywhere within that time, without a Redis round trip per call.
 
 Only failures that say the provider is unhealthy count (server, overloaded, timeout, network,
 bad_response, auth); a rejected request or a rate limit says nothing about its health.
@@ -35,15 +42,16 @@ log = logging.getLogger("conclave.breaker")
 
 HEALTH_FAILURES = frozenset({"server", "overloaded", "timeout", "network", "bad_response", "auth"})
 
-# KEYS[1] = breaker hash. ARGV: now_ms, failures, successes, window_ms, min_failures, ratio,
-# cooldown_ms, probe (1 = a half-open probe's outcome). Returns {state, opened_at_ms, cooldown_ms}.
+# KEYS[1] = breaker hash. ARGV: now_ms, failures, started (calls started since the last report),
+# window_ms, min_failures, ratio, cooldown_ms, probe (1 = a half-open probe's outcome).
+# Returns {state, opened_at_ms, cooldown_ms}.
 # The window is a sliding-window counter: the previous window's counts, weighted by how much
 # of it still overlaps, plus the current window's.
 _REPORT = """
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
 local failures = tonumber(ARGV[2])
-local successes = tonumber(ARGV[3])
+local started = tonumber(ARGV[3])
 local window = tonumber(ARGV[4])
 local min_failures = tonumber(ARGV[5])
 local ratio = tonumber(ARGV[6])
@@ -68,7 +76,7 @@ elseif elapsed >= window then
   prev_fails = fails; prev_calls = calls; fails = 0; calls = 0; start = start + window; elapsed = now - start
 end
 fails = fails + failures
-calls = calls + failures + successes
+calls = calls + started
 
 if probe == 1 then
   if failures > 0 then
@@ -80,7 +88,8 @@ if probe == 1 then
 elseif state == 'closed' then
   local weight = 1 - elapsed / window
   local eff_fails = fails + prev_fails * weight
-  local eff_calls = calls + prev_calls * weight
+  -- A failure of a call started before the window still counts against at least itself.
+  local eff_calls = math.max(calls + prev_calls * weight, eff_fails)
   if eff_fails >= min_failures and eff_fails >= ratio * eff_calls then
     state = 'open'; opened_at = now; cooldown = base_cooldown
   end
@@ -100,7 +109,7 @@ class BreakerConfig:
     window_s: float = 10.0
     cooldown_s: float = 15.0  # open → half-open; doubles on each failed probe, up to 16×
     refresh_s: float = 0.25  # how stale a process's view of the shared state may be
-    flush_s: float = 1.0  # how long successes may wait to be counted
+    flush_s: float = 1.0  # how long counts of started calls may wait to be sent
     probe_timeout_s: float = 60.0
 
 
@@ -121,7 +130,7 @@ class CircuitBreaker:
         self.config = config
         self._report = client.register_script(_REPORT)
         self._view = _View()
-        self._pending_ok = 0
+        self._pending_started = 0
         self._last_flush = time.monotonic()
         self._refreshing: asyncio.Task[None] | None = None
 
@@ -140,6 +149,7 @@ class CircuitBreaker:
         """May a call go now? Returns (allowed, is_probe, retry_after_s)."""
         state, remaining = await self.state()
         if state == "closed":
+            self._pending_started += 1
             return True, False, 0.0
         if state == "open":
             return False, False, remaining
@@ -153,30 +163,29 @@ class CircuitBreaker:
 
     async def record(self, ok: bool, category: str | None, probe: bool = False) -> None:
         if probe:
-            await self._send(failures=0 if ok else 1, successes=1 if ok else 0, probe=True)
+            await self._send(failures=0 if ok else 1, started=1, probe=True)
             with contextlib.suppress(RedisError):
                 await self.client.delete(f"{self.key}:probe")
             return
         if ok or category not in HEALTH_FAILURES:
-            self._pending_ok += 1 if ok else 0
             if time.monotonic() - self._last_flush >= self.config.flush_s:
                 await self.flush()
             return
-        pending, self._pending_ok = self._pending_ok, 0
-        await self._send(failures=1, successes=pending, probe=False)
+        started, self._pending_started = self._pending_started, 0
+        await self._send(failures=1, started=started, probe=False)
 
     async def flush(self) -> None:
-        pending, self._pending_ok = self._pending_ok, 0
+        started, self._pending_started = self._pending_started, 0
         self._last_flush = time.monotonic()
-        if pending:
-            await self._send(failures=0, successes=pending, probe=False)
+        if started:
+            await self._send(failures=0, started=started, probe=False)
 
-    async def _send(self, *, failures: int, successes: int, probe: bool) -> None:
+    async def _send(self, *, failures: int, started: int, probe: bool) -> None:
         c = self.config
         args = [
             int(time.time() * 1000),
             failures,
-            successes,
+            started,
             int(c.window_s * 1000),
             c.min_failures,
             c.failure_ratio,

@@ -22,6 +22,13 @@ def pair(config: BreakerConfig = FAST) -> tuple[CircuitBreaker, CircuitBreaker]:
     return a, b
 
 
+async def call(breaker: CircuitBreaker, ok: bool, category: str | None = None) -> None:
+    """One call as the guard makes it: admitted, then its outcome reported."""
+    allowed, probe, _ = await breaker.acquire()
+    assert allowed and not probe
+    await breaker.record(ok, category)
+
+
 async def until_half_open(breaker: CircuitBreaker, timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while (await breaker.state())[0] != "half_open":
@@ -48,9 +55,9 @@ def test_a_noisy_provider_stays_closed_even_with_bursts_of_failures() -> None:
         # 30% failures, with the failures arriving in bursts of five (timeouts of calls started together).
         for _ in range(10):
             for _ in range(12):
-                await a.record(True, None)
+                await call(a, True)
             for _ in range(5):
-                await b.record(False, "timeout")
+                await call(b, False, "timeout")
         assert (await a.state())[0] == "closed"
 
     asyncio.run(scenario())
@@ -66,14 +73,43 @@ def test_request_errors_and_rate_limits_do_not_count() -> None:
     asyncio.run(scenario())
 
 
-def test_successes_reported_with_a_failure_count_against_the_ratio() -> None:
+def test_started_calls_reported_with_a_failure_count_against_the_ratio() -> None:
     async def scenario() -> None:
         a, _ = pair(BreakerConfig(min_failures=3, failure_ratio=0.5, refresh_s=0.0, flush_s=3600))
         for _ in range(20):
-            await a.record(True, None)  # held locally (flush_s is long) ...
+            await call(a, True)  # starts held locally (flush_s is long) ...
         for _ in range(4):
-            await a.record(False, "server")  # ... and sent with the first failure
+            await call(a, False, "server")  # ... and sent with the first failure
         assert (await a.state())[0] == "closed"
+
+    asyncio.run(scenario())
+
+
+def test_fast_failures_at_the_start_of_a_burst_do_not_open_a_mostly_healthy_circuit() -> None:
+    async def scenario() -> None:
+        a, b = pair(BreakerConfig(min_failures=10, failure_ratio=0.5, refresh_s=0.0, flush_s=3600))
+        # 200 calls start together; the 20% that fail come back before any answer does.
+        for breaker in (a, b):
+            for _ in range(100):
+                assert (await breaker.acquire())[0]
+        for breaker in (a, b):
+            for _ in range(20):
+                await breaker.record(False, "server")
+        assert (await a.state())[0] == "closed"
+
+    asyncio.run(scenario())
+
+
+def test_a_provider_failing_every_started_call_opens_the_circuit() -> None:
+    async def scenario() -> None:
+        a, b = pair(BreakerConfig(min_failures=10, failure_ratio=0.5, refresh_s=0.0, flush_s=3600))
+        for _ in range(40):  # started together, all time out together
+            assert (await a.acquire())[0]
+        for _ in range(19):
+            await a.record(False, "timeout")
+        assert (await b.state())[0] == "closed"  # 19 of 40 started: could still be a bad patch
+        await a.record(False, "timeout")
+        assert (await b.state())[0] == "open"  # half of what was started failed
 
     asyncio.run(scenario())
 
