@@ -40,10 +40,6 @@ base_url = "{sim_url}/v1"
 api_key_env = "SIM_API_KEY"
 timeout_s = 1.0
 max_concurrency = 512
-# The default of 10 health failures can open the circuit in the first second of a batch on a
-# provider failing only a fifth of its calls (fast errors are counted before slow successes):
-# not the chaos this test is about.
-breaker_failures = 50
 breaker_cooldown_s = 2
 
 [council]
@@ -74,6 +70,7 @@ def test_provider_faults_leave_every_query_terminal_once(launch: Launch, sim: Si
     # The provider fails every call until the shared circuit breaker opens.
     before = sim_requests(sim)
     outage_started = time.monotonic()
+    outage_wall = int(time.time())
     set_sim(sim, **OUTAGE)
     breaker = f"{chaos.namespace}:breaker:sim"
     poll(
@@ -89,10 +86,15 @@ def test_provider_faults_leave_every_query_terminal_once(launch: Launch, sim: Si
 
     with chaos.sessions() as session:
         calls = session.execute(
-            select(col(ProviderCall.status), col(ProviderCall.error_category)).where(
-                col(ProviderCall.batch_id) == batch_id
-            )
+            select(
+                col(ProviderCall.status), col(ProviderCall.error_category), col(ProviderCall.created_at)
+            ).where(col(ProviderCall.batch_id) == batch_id)
         ).all()
+    # The fault mix alone (30% of calls failing, fast) never opened the circuit: only the outage did.
+    early_refusals = [
+        c for c in calls if c.error_category == "circuit_open" and c.created_at < outage_wall - 1
+    ]
+    assert early_refusals == [], f"{len(early_refusals)} calls refused by an open circuit before the outage"
     categories = Counter(c.error_category for c in calls if c.status == "failed")
     # The outage opened the circuit: calls refused without reaching the provider.
     assert {"server", "overloaded", "rate_limited", "timeout", "circuit_open"} <= set(categories), categories
