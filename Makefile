@@ -27,7 +27,7 @@ test-sqlite: $(STAMP)
 	CONCLAVE_TEST_DB=sqlite $(BIN)/pytest -q
 
 test-postgresql: $(STAMP)
-	CONCLAVE_TEST_DB=postgresql $(BIN)/pytest -q tests/integration
+	CONCLAVE_TEST_DB=postgresql $(BIN)/pytest -q tests/integration tests/chaos
 
 test: services lint test-sqlite test-postgresql
 

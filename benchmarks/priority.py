@@ -49,7 +49,6 @@ from benchmarks.common import (
 from shared.db import make_engine, make_sessionmaker, upgrade
 from shared.sim import SimConfig, SimServer
 from shared.tenants import issue_key
-from workers.broker import low_capacity
 
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 
@@ -286,13 +285,9 @@ def main() -> None:
         ).api_key
     stack = Stack(env=env)
     probe = QueueProbe(redis.Redis.from_url(redis_.url), env["CONCLAVE_QUEUE_NAMESPACE"])
-    # A process serving high and lower queues keeps a share of its threads for high work
-    # (workers/broker.py), so the backlog saturates it at the rest.
-    serves = {q.strip() for q in args.queues.split(",")}
-    per_process = args.threads
-    if "high" in serves and serves & {"normal", "low"}:
-        per_process = low_capacity(args.threads)
-    in_flight = args.processes * per_process
+    # `conclave worker` gives a process serving high and lower queues extra threads for high
+    # work (workers/broker.py): the backlog saturates the `threads` it asked for.
+    in_flight = args.processes * args.threads
     queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())
     if "low" not in queues or ("high" not in queues and not args.high_pool):
         parser.error("the main pool must serve low, and high unless --high-pool serves it")

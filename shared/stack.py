@@ -169,19 +169,20 @@ class Stack:
         queues: tuple[str, ...] = ("high", "normal", "low"),
         name: str = "worker",
     ) -> subprocess.Popen[bytes]:
+        # Through `conclave worker`, as an operator runs it: it becomes the dramatiq main process.
         return self._spawn(
             f"{name}-{len(self.procs)}",
             [
                 sys.executable,
                 "-m",
-                "dramatiq",
-                "workers.actors",
+                "shared.cli.main",
+                "worker",
                 "--processes",
                 str(processes),
                 "--threads",
                 str(threads),
                 "--queues",
-                *queues,
+                ",".join(queues),
             ],
         )
 

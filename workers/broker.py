@@ -8,9 +8,11 @@ before low).
 Ordering prefetched work is not enough: a query holds its thread for its whole council
 (seconds), so a pool saturated with ``low`` work made a ``high`` query wait for a thread until
 a whole wave of low queries ended — about 2× its idle makespan in ``benchmarks/priority.py``.
-A process that serves ``high`` therefore keeps ``HIGH_RESERVE`` of its threads for it: its
-``normal`` and ``low`` consumers together stop fetching once they hold
-``threads − reserve`` messages, and fetch again the moment one is acknowledged; and a process
+A process that serves ``high`` and a lower queue therefore has threads kept for ``high``: an
+eighth more than ``--threads`` when started by ``conclave worker`` (an eighth of its threads
+when started as plain ``dramatiq``). Its ``normal`` and ``low`` consumers together stop fetching
+once they hold the other threads' worth of messages, and fetch again the moment one is
+acknowledged; and a process
 fetches a ``high`` message only when it has a thread free for it, so high work lands on the
 processes that can start it now (``_Budget``).
 """
@@ -18,6 +20,8 @@ processes that can start it now (``_Budget``).
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -154,6 +158,20 @@ class ConclaveBroker(RedisBroker):
         return super().consume(queue_name, prefetch, timeout)
 
 
+# Set by `conclave worker` for the dramatiq processes it starts: threads kept for `high`.
+HIGH_RESERVE_ENV = "CONCLAVE_HIGH_RESERVE_THREADS"
+
+
+def serves_high_and_lower(queues: Iterable[str]) -> bool:
+    served = set(queues)
+    return "high" in served and bool(served & {"normal", "low"})
+
+
+def high_reserve(threads: int, queues: Iterable[str]) -> int:
+    """Extra threads a process gets for ``high`` work on top of ``threads`` for the rest."""
+    return max(1, math.ceil(threads * HIGH_RESERVE)) if serves_high_and_lower(queues) else 0
+
+
 class HighReserve(dramatiq.Middleware):
     """Sets the budget when the worker boots, from its thread count and the queues it serves."""
 
@@ -162,17 +180,14 @@ class HighReserve(dramatiq.Middleware):
             return
         serves = worker.consumer_whitelist or set(PRIORITIES)
         threads = worker.worker_threads
+        if not serves_high_and_lower(serves):
+            reserve = 0
+        elif os.environ.get(HIGH_RESERVE_ENV, "").isdigit():
+            reserve = int(os.environ[HIGH_RESERVE_ENV])  # added on top by `conclave worker`
+        else:
+            reserve = max(1, round(threads * HIGH_RESERVE))  # plain `dramatiq`: carved out
         broker.budget.threads = threads
-        broker.budget.lower_cap = (
-            low_capacity(threads)
-            if "high" in serves and serves & {"normal", "low"}
-            else threads + threads // 4
-        )
-
-
-def low_capacity(threads: int) -> int:
-    """Threads a process serving ``high`` too lets ``normal`` and ``low`` queries hold."""
-    return max(1, threads - max(1, round(threads * HIGH_RESERVE)))
+        broker.budget.lower_cap = max(1, threads - reserve) if reserve else threads + threads // 4
 
 
 def make_broker(redis_url: str, namespace: str = "conclave") -> RedisBroker:

@@ -110,7 +110,10 @@ def worker(
         PRIORITIES
     ),
     processes: Annotated[int, typer.Option()] = 1,
-    threads: Annotated[int, typer.Option(help="Queries in flight per process.")] = 64,
+    threads: Annotated[
+        int,
+        typer.Option(help="Queries in flight per process (plus an eighth more kept for high, if served)."),
+    ] = 64,
 ) -> None:
     """Run a worker pool (dramatiq) on the given priority queues."""
     names = [q.strip() for q in queues.split(",") if q.strip()]
@@ -118,6 +121,11 @@ def worker(
     if unknown:
         errors.print(f"[red]unknown queue(s) {unknown}; use {PRIORITIES}[/red]")
         raise typer.Exit(2)
+    from workers.broker import HIGH_RESERVE_ENV, high_reserve
+
+    # A process serving `high` and a lower queue gets extra threads kept for `high`
+    # (workers/broker.py); `threads` stays what normal and low work can have in flight.
+    reserve = high_reserve(threads, names)
     argv = [
         sys.executable,
         "-m",
@@ -126,8 +134,8 @@ def worker(
         "--processes",
         str(processes),
         "--threads",
-        str(threads),
+        str(threads + reserve),
         "--queues",
         *names,
     ]
-    os.execv(sys.executable, argv)
+    os.execve(sys.executable, argv, {**os.environ, HIGH_RESERVE_ENV: str(reserve)})

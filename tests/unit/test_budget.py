@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from workers.broker import ConclaveBroker, HighReserve, _Budget, low_capacity
+from workers.broker import HIGH_RESERVE_ENV, ConclaveBroker, HighReserve, _Budget, high_reserve
 
 
 def budget_with(threads: int, lower_cap: int, held: dict[str, int]) -> _Budget:
@@ -22,9 +22,8 @@ def budget_with(threads: int, lower_cap: int, held: dict[str, int]) -> _Budget:
 
 
 def test_a_saturated_lower_backlog_leaves_the_reserve_to_high() -> None:
-    cap = low_capacity(256)
-    assert cap == 224
-    budget = budget_with(256, cap, {"high": 0, "normal": 100, "low": 124})
+    assert high_reserve(256, ["high", "normal"]) == 32
+    budget = budget_with(288, 256, {"high": 0, "normal": 100, "low": 156})
     assert budget.room("low") == 0 and budget.room("normal") == 0
     assert budget.room("high") == 32
 
@@ -41,13 +40,29 @@ def test_an_unbooted_budget_does_not_limit() -> None:
 
 
 @pytest.mark.parametrize(
-    ("queues", "expected_cap"),
-    [(None, 224), ({"high", "low"}, 224), ({"normal", "low"}, 320), ({"high"}, 320)],
+    ("queues", "reserve_env", "expected_cap"),
+    [
+        (None, "32", 256),  # `conclave worker --threads 256` on every queue: 288 threads
+        ({"high", "low"}, "32", 256),
+        ({"high", "low"}, None, 252),  # plain dramatiq --threads 288: an eighth carved out
+        ({"normal", "low"}, None, 360),  # no high: no reserve, a quarter prefetched
+        ({"high"}, None, 360),
+    ],
 )
 def test_the_reserve_applies_only_to_processes_serving_high_and_lower_queues(
-    queues: set[str] | None, expected_cap: int
+    queues: set[str] | None, reserve_env: str | None, expected_cap: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if reserve_env is None:
+        monkeypatch.delenv(HIGH_RESERVE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(HIGH_RESERVE_ENV, reserve_env)
     broker: Any = ConclaveBroker.__new__(ConclaveBroker)
     broker.budget = _Budget()
-    HighReserve().before_worker_boot(broker, SimpleNamespace(consumer_whitelist=queues, worker_threads=256))
-    assert broker.budget.threads == 256 and broker.budget.lower_cap == expected_cap
+    HighReserve().before_worker_boot(broker, SimpleNamespace(consumer_whitelist=queues, worker_threads=288))
+    assert broker.budget.threads == 288 and broker.budget.lower_cap == expected_cap
+
+
+def test_conclave_worker_adds_the_reserve_only_when_high_shares_the_process() -> None:
+    assert high_reserve(64, ["normal", "high"]) == 8
+    assert high_reserve(1, ["high", "low"]) == 1
+    assert high_reserve(64, ["high"]) == 0 and high_reserve(64, ["normal", "low"]) == 0
