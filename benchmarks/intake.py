@@ -1,7 +1,8 @@
 """Intake benchmark: time to 202 for a 10,000-query batch (persisted and enqueued), and latency
 of 100-query POSTs under concurrent load, against a real API process on real Redis.
 
-    python -m benchmarks.intake [--runs 5] [--size 10000] [--database-url URL]
+    python -m benchmarks.intake [--runs 5] [--size 10000] [--concurrency 4] [--api-workers 2]
+                                [--database-url URL]
 
 No workers run, so every message the API enqueued is still in Redis and is counted.
 """
@@ -49,8 +50,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--size", type=int, default=10_000)
     parser.add_argument("--small-posts", type=int, default=300, help="100-query POSTs for the latency test")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--concurrency", type=int, default=4, help="clients posting 100-query batches")
+    parser.add_argument(
+        "--api-workers", type=int, default=2, help="uvicorn worker processes (the Procfile's default)"
+    )
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
 
