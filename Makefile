@@ -33,3 +33,6 @@ test: services lint test-sqlite test-postgresql
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.intake
+	$(BIN)/python -m benchmarks.council --queries 2000 --latency-ms 0
+	$(BIN)/python -m benchmarks.council --queries 5000 --latency-ms 2000 --threads 256
+	$(BIN)/python -m benchmarks.priority

@@ -94,11 +94,12 @@ def main() -> None:
             ["ideal makespan", f"{ideal:.1f} s" if ideal else "n/a (latency 0)"],
             ["makespan / ideal", f"{makespan / ideal:.2f}" if ideal else "n/a"],
             ["queries per second", f"{args.queries / makespan:,.0f}"],
-            ["peak provider calls in flight", stats["max_in_flight"]],
+            # At zero latency the simulated provider answers before the next call arrives.
+            ["peak provider calls in flight", stats["max_in_flight"] if args.latency_ms else "n/a"],
             # Stages 1 and 2 make three calls per query at once.
             [
                 "peak queries in flight per worker process",
-                f"{stats['max_in_flight'] / 3 / args.processes:.0f}",
+                f"{stats['max_in_flight'] / 3 / args.processes:.0f}" if args.latency_ms else "n/a",
             ],
             ["worker CPU per provider call", f"{cpu / max(calls, 1) * 1000:.2f} ms"],
             ["worker CPU total", f"{cpu:.1f} s"],
