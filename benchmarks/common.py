@@ -81,6 +81,19 @@ def bench_env(
     }
 
 
+def bench_key(database_url: str) -> str:
+    """Bring the schema up to date and return an API key of a new enterprise-tier tenant (no
+    tier limit gets in a benchmark's way)."""
+    from shared.db import make_engine, make_sessionmaker, upgrade
+    from shared.tenants import issue_key
+
+    upgrade(database_url)
+    with make_sessionmaker(make_engine(database_url, pool_size=1)).begin() as session:
+        return issue_key(
+            session, tenant_name=f"bench-{uuid.uuid4().hex[:6]}", role="user", tier="enterprise"
+        ).api_key
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     table = Table(title=title)
     for column in columns:
@@ -94,6 +107,7 @@ __all__ = [
     "ProcSample",
     "Stack",
     "bench_env",
+    "bench_key",
     "ensure_redis",
     "median",
     "percentile",

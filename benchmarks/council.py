@@ -14,14 +14,19 @@ import argparse
 import math
 import os
 import time
-import uuid
 
 import httpx
 
-from benchmarks.common import Stack, bench_env, ensure_redis, percentile, print_table, proc_tree_sample
-from shared.db import make_engine, make_sessionmaker, upgrade
+from benchmarks.common import (
+    Stack,
+    bench_env,
+    bench_key,
+    ensure_redis,
+    percentile,
+    print_table,
+    proc_tree_sample,
+)
 from shared.sim import SimConfig, SimServer
-from shared.tenants import issue_key
 
 
 def main() -> None:
@@ -37,11 +42,7 @@ def main() -> None:
     sim = SimServer(SimConfig(latency_ms=args.latency_ms, log_limit=1000)).start()
     env = bench_env(redis_.url, args.database_url, sim.url)
     env["CONCLAVE_LOG_LEVEL"] = "WARNING"
-    upgrade(env["CONCLAVE_DATABASE_URL"])
-    with make_sessionmaker(make_engine(env["CONCLAVE_DATABASE_URL"], pool_size=1)).begin() as session:
-        key = issue_key(
-            session, tenant_name=f"bench-{uuid.uuid4().hex[:6]}", role="user", tier="enterprise"
-        ).api_key
+    key = bench_key(env["CONCLAVE_DATABASE_URL"])
     stack = Stack(env=env)
     try:
         url = stack.start_api()

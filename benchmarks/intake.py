@@ -14,7 +14,6 @@ import concurrent.futures
 import os
 import sqlite3
 import time
-import uuid
 
 import httpx
 import redis
@@ -22,14 +21,13 @@ import redis
 from benchmarks.common import (
     Stack,
     bench_env,
+    bench_key,
     ensure_redis,
     median,
     percentile,
     print_table,
     proc_tree_sample,
 )
-from shared.db import make_engine, make_sessionmaker, upgrade
-from shared.tenants import issue_key
 
 
 def batch_body(size: int, tag: str) -> bytes:
@@ -59,11 +57,7 @@ def main() -> None:
 
     redis_ = ensure_redis(os.environ.get("CONCLAVE_REDIS_URL", "redis://127.0.0.1:6379/0"))
     env = bench_env(redis_.url, args.database_url)
-    upgrade(env["CONCLAVE_DATABASE_URL"])
-    with make_sessionmaker(make_engine(env["CONCLAVE_DATABASE_URL"], pool_size=1)).begin() as session:
-        key = issue_key(
-            session, tenant_name=f"bench-{uuid.uuid4().hex[:6]}", role="user", tier="enterprise"
-        ).api_key
+    key = bench_key(env["CONCLAVE_DATABASE_URL"])
     stack = Stack(env=env)
     rdb = redis.Redis.from_url(redis_.url)
     namespace = env["CONCLAVE_QUEUE_NAMESPACE"]

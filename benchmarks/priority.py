@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,14 +40,13 @@ from benchmarks.common import (
     ProcSample,
     Stack,
     bench_env,
+    bench_key,
     ensure_redis,
     percentile,
     print_table,
     proc_tree_sample,
 )
-from shared.db import make_engine, make_sessionmaker, upgrade
 from shared.sim import SimConfig, SimServer
-from shared.tenants import issue_key
 
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 
@@ -278,11 +276,7 @@ def main() -> None:
     redis_ = ensure_redis(os.environ.get("CONCLAVE_REDIS_URL", "redis://127.0.0.1:6379/0"))
     sim = SimServer(SimConfig(latency_ms=args.latency_ms, log_limit=1000)).start()
     env = bench_env(redis_.url, args.database_url, sim.url)
-    upgrade(env["CONCLAVE_DATABASE_URL"])
-    with make_sessionmaker(make_engine(env["CONCLAVE_DATABASE_URL"], pool_size=1)).begin() as session:
-        key = issue_key(
-            session, tenant_name=f"bench-{uuid.uuid4().hex[:6]}", role="user", tier="enterprise"
-        ).api_key
+    key = bench_key(env["CONCLAVE_DATABASE_URL"])
     stack = Stack(env=env)
     probe = QueueProbe(redis.Redis.from_url(redis_.url), env["CONCLAVE_QUEUE_NAMESPACE"])
     # `conclave worker` gives a process serving high and lower queues extra threads for high

@@ -65,7 +65,13 @@ class Reconciler:
         with self.sessions.begin() as session:
             stuck = session.scalars(
                 select(col(Batch.id))
-                .where(col(Batch.status).in_(("in_progress", "cancelling")), ~open_query)
+                # total > 0: a batch holds its queries from the transaction that created it, so
+                # only a (hand-made) empty one has none open without having run any.
+                .where(
+                    col(Batch.status).in_(("in_progress", "cancelling")),
+                    col(Batch.total) > 0,
+                    ~open_query,
+                )
                 .limit(100)
             ).all()
             if stuck:
