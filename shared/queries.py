@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import Integer, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
@@ -121,6 +121,8 @@ class Outcome:
     calls: Sequence[CallRecord]
     latency_ms: int
     now: int
+    # Not an outcome yet: store the calls and hand the query back to the queue, due then.
+    requeue_at: int | None = None
 
 
 def record_outcome(
@@ -174,23 +176,40 @@ def record_outcomes(session: Session, outcomes: Sequence[Outcome], worker_id: st
     rows = [
         {
             "_id": o.claimed.id,
-            "status": o.status,
-            "result": o.result,
-            "error": o.error,
+            "status": "queued" if o.requeue_at else o.status,
+            "result": None if o.requeue_at else o.result,
+            "error": None if o.requeue_at else o.error,
             "routing": o.routing,
-            "input_tokens": sum(c.input_tokens for c in o.calls),
-            "output_tokens": sum(c.output_tokens for c in o.calls),
-            "cost_usd": sum(c.cost_usd for c in o.calls),
+            "add_input": sum(c.input_tokens for c in o.calls),
+            "add_output": sum(c.output_tokens for c in o.calls),
+            "add_cost": sum(c.cost_usd for c in o.calls),
             "latency_ms": o.latency_ms,
-            "finished_at": o.now,
-            "lease_expires_at": None,
+            "finished_at": None if o.requeue_at else o.now,
+            "worker_id": None if o.requeue_at else worker_id,
+            "requeue_at": o.requeue_at,
         }
         for o in outcomes
         if o.claimed.id in held
     ]
     if rows:
+        # Usage adds up over runs: a query handed back and run again paid for both runs.
         session.execute(
-            update(QUERIES).where(q.id == bindparam("_id")),
+            update(QUERIES)
+            .where(q.id == bindparam("_id"))
+            .values(
+                status=bindparam("status"),
+                result=bindparam("result"),
+                error=bindparam("error"),
+                routing=bindparam("routing"),
+                input_tokens=q.input_tokens + bindparam("add_input"),
+                output_tokens=q.output_tokens + bindparam("add_output"),
+                cost_usd=q.cost_usd + bindparam("add_cost"),
+                latency_ms=bindparam("latency_ms"),
+                finished_at=bindparam("finished_at"),
+                worker_id=bindparam("worker_id"),
+                enqueued_at=func.coalesce(bindparam("requeue_at", type_=Integer), q.enqueued_at),
+                lease_expires_at=None,
+            ),
             rows,
         )
     return [o.claimed.id in held for o in outcomes]

@@ -16,6 +16,7 @@ database round trips, which the coalescers remove.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -53,7 +54,7 @@ from workers.coalesce import Coalescer
 from workers.council import KnowledgeSnippet
 from workers.heartbeat import WorkerHeartbeat, worker_identity
 from workers.routing import route
-from workers.runner import Runner
+from workers.runner import Runner, circuit_requeue_delay
 from workers.spans import record_call_spans
 
 log = logging.getLogger("conclave.worker")
@@ -211,9 +212,29 @@ def _process_query(query_id: str, span: Any) -> None:
     latency_ms = int((time.perf_counter() - started) * 1000)
 
     finished = int(time.time())
+    requeue_in = circuit_requeue_delay(claimed.attempts, status, calls)
     written = ctx.outcomes.submit(
-        Outcome(claimed, status, record, error, routing, calls, latency_ms, finished)
+        Outcome(
+            claimed,
+            status,
+            record,
+            error,
+            routing,
+            calls,
+            latency_ms,
+            finished,
+            requeue_at=finished + requeue_in if requeue_in else None,
+        )
     )
+    if requeue_in and written:
+        record_metrics(calls, None)
+        message = CurrentMessage.get_current_message()
+        log.warning("query %s waits %d s for an open circuit", claimed.id, requeue_in)
+        if message is not None:
+            # If this send is lost, reconciliation finds the query queued and sends it again.
+            with contextlib.suppress(redis.RedisError):
+                broker.enqueue(message.copy(), delay=requeue_in * 1000)
+        return
     record_metrics(calls, status)
     span.set_attribute("conclave.batch_id", claimed.batch_id)
     span.set_attribute("conclave.status", status)
@@ -232,7 +253,7 @@ def process_query(query_id: str) -> None:
         _process_query(query_id, span)
 
 
-def record_metrics(calls: list[CallRecord], status: str) -> None:
+def record_metrics(calls: list[CallRecord], status: str | None) -> None:
     for call in calls:
         provider = call.model.partition(":")[0]
         METRICS.observe_latency(provider, call.model, call.latency_ms / 1000)
@@ -243,8 +264,9 @@ def record_metrics(calls: list[CallRecord], status: str) -> None:
             METRICS.inc("tokens", provider, call.model, "output", value=call.output_tokens)
         if call.cost_usd:
             METRICS.inc("cost_usd", provider, call.model, value=call.cost_usd)
-    METRICS.inc("queries_finished", status)
-    METRICS.count_minute("finished")
+    if status is not None:  # None: handed back to the queue, not finished
+        METRICS.inc("queries_finished", status)
+        METRICS.count_minute("finished")
 
 
 def _price(ctx: WorkerContext, model: str) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,10 @@ from shared.providers.guard import ProviderGuard
 from shared.queries import CallRecord
 from workers.council import CallRequest, CouncilResult, CouncilSpec, KnowledgeSnippet, QueryInput, run_council
 
+# A query that failed behind an open circuit runs again after 2, 4, 8, 16 s (+0-50%), then fails.
+CIRCUIT_REQUEUES = 4
+CIRCUIT_REQUEUE_BASE_S = 2
+CIRCUIT_REQUEUE_CAP_S = 60
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 # A provider's wait hint beyond this is not worth holding a worker slot for: fail over instead.
@@ -164,6 +169,24 @@ class Runner:
         if hint is not None:
             delay = max(delay, min(hint, MAX_HINT_WAIT_S))
         return delay
+
+
+def circuit_requeue_delay(attempts: int, status: str, calls: Sequence[CallRecord]) -> int:
+    """Seconds to hand a query back to the queue for, or 0 to record its outcome now.
+
+    A query that failed while some of its calls were refused by an open circuit failed for want
+    of a provider that is resting, not for anything about the query: with hours left in its
+    window it waits for the cooldown (outside any thread) and runs again, up to
+    ``CIRCUIT_REQUEUES`` times, the wait doubling with jitter so the herd does not return at once.
+    Calls are per call fail-fast on an open circuit (a fallback or the council's degradation
+    answers), so only queries that would otherwise fail wait.
+    """
+    if status != "failed" or attempts > CIRCUIT_REQUEUES:
+        return 0
+    if not any(c.error_category == "circuit_open" for c in calls):
+        return 0
+    base = min(CIRCUIT_REQUEUE_CAP_S, CIRCUIT_REQUEUE_BASE_S * 2 ** (attempts - 1))
+    return int(base * random.uniform(1.0, 1.5)) + 1
 
 
 def _record(

@@ -15,11 +15,12 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import col
 
-from shared.models import ProviderCall
+from shared.models import ProviderCall, Query
 from shared.sim import SimServer
 from tests.chaos.conftest import QUERIES, TEST_TIMEOUT, Launch, set_sim, sim_requests
 from tests.chaos.invariants import check_batch
 from tests.helpers import poll, sim_log, tagged_queries
+from workers.runner import CIRCUIT_REQUEUES
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(TEST_TIMEOUT)]
 
@@ -95,6 +96,26 @@ def test_provider_faults_leave_every_query_terminal_once(launch: Launch, sim: Si
         c for c in calls if c.error_category == "circuit_open" and c.created_at < outage_wall - 1
     ]
     assert early_refusals == [], f"{len(early_refusals)} calls refused by an open circuit before the outage"
+    # A query refused by the open circuit was handed back to wait out the cooldown, not failed,
+    # until its waits ran out.
+    with chaos.sessions() as session:
+        refused = set(
+            session.scalars(
+                select(col(ProviderCall.query_id)).where(
+                    col(ProviderCall.batch_id) == batch_id, col(ProviderCall.error_category) == "circuit_open"
+                )
+            )
+        )
+        failed_attempts = dict(
+            session.execute(
+                select(col(Query.id), col(Query.attempts)).where(
+                    col(Query.batch_id) == batch_id, col(Query.status) == "failed"
+                )
+            ).all()
+        )
+    gave_up = {qid: n for qid, n in failed_attempts.items() if qid in refused and n <= CIRCUIT_REQUEUES}
+    assert gave_up == {}, f"failed behind an open circuit without waiting it out: {gave_up}"
+    requeued = sum(1 for a, n in figures.attempts.items() if a > 1 for _ in range(n))
     categories = Counter(c.error_category for c in calls if c.status == "failed")
     # The outage opened the circuit: calls refused without reaching the provider.
     assert {"server", "overloaded", "rate_limited", "timeout", "circuit_open"} <= set(categories), categories
@@ -110,5 +131,6 @@ def test_provider_faults_leave_every_query_terminal_once(launch: Launch, sim: Si
         outage=f"{outage[0]:.1f}s/{outage[1]}calls",
         faults=dict(categories.most_common()),
         errors=dict(errors),
+        requeued_behind_open_circuit=requeued,
     )
     print(f"\nchaos provider-faults: {line}")
