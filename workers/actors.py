@@ -133,8 +133,13 @@ class WorkerContext:
                 time.sleep(0.2 * 2**attempt)
         batch_ids = [o.claimed.batch_id for o, ok in zip(outcomes, written, strict=True) if ok]
         if batch_ids:
-            with write_transaction(self.sessions) as session:
-                finals = finalize_batches(session, batch_ids, now=max(o.now for o in outcomes))
+            try:
+                with write_transaction(self.sessions) as session:
+                    finals = finalize_batches(session, batch_ids, now=max(o.now for o in outcomes))
+            except OperationalError as exc:
+                # The outcomes are stored; reconciliation finalises a batch left like this.
+                log.warning("finalising %d batches failed (%s)", len(set(batch_ids)), type(exc).__name__)
+                finals = {}
             for batch_id, final in finals.items():
                 log.info("batch %s %s", batch_id, final)
         return written
