@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.ratelimit import SlidingWindow, Verdict, client_ip
@@ -52,10 +53,15 @@ class Guards:
         state: dict[str, Any] = scope.setdefault("state", {})
         peer = (scope.get("client") or (None,))[0]
         state["client_ip"] = client_ip(peer, headers.get("x-forwarded-for"), self.settings.trusted_proxies)
+        verdict: Verdict | None = None
         if self.limiter is not None and scope.get("path", "") not in UNLIMITED_PATHS:
-            verdict = await _run_sync(
-                self.limiter.hit, "ip", state["client_ip"], self.settings.ip_requests_per_minute
-            )
+            try:
+                verdict = await _run_sync(
+                    self.limiter.hit, "ip", state["client_ip"], self.settings.ip_requests_per_minute
+                )
+            except RedisError:
+                verdict = None  # Redis down: serve rather than refuse, as the per-key limit does
+        if verdict is not None:
             if not verdict.admitted:
                 if self.metrics is not None:
                     self.metrics.inc("rate_limit_rejections", "ip")

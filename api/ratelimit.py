@@ -6,6 +6,7 @@ or refuses. Exact (no fixed-window edge bursts): any 60 s holds at most ``limit`
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import time
@@ -13,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 
 import redis
+from redis.exceptions import RedisError
 
 WINDOW_MS = 60_000
 
@@ -63,6 +65,11 @@ class SlidingWindow:
         self.client = client
         self.namespace = namespace
         self._slide = client.register_script(_SLIDE)
+        # Loaded up front, as the broker's scripts are: a first EVALSHA would answer NOSCRIPT, and
+        # the embedded fakeredis server closes the connection on an error reply (seen in CI as a
+        # 500 from the demo's first request). With Redis down now, it loads on first use.
+        with contextlib.suppress(RedisError):
+            self._slide.sha = client.script_load(_SLIDE)
 
     def hit(self, kind: str, subject: str, limit: int, cost: int = 1) -> Verdict:
         now = int(time.time() * 1000)
