@@ -3,10 +3,12 @@ idempotency, tenant scoping, pagination. A rejected request stores nothing and e
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
@@ -20,8 +22,16 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def app_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"max_batch_queries": 100})
+def app_settings(settings: Settings) -> Iterator[Settings]:
+    # Queues of its own: the session's worker pools, once started by other tests, would consume
+    # this module's messages and change the queue depths its tests compare.
+    namespace = f"{settings.queue_namespace}-intake-{uuid.uuid4().hex[:6]}"
+    yield settings.model_copy(update={"max_batch_queries": 100, "queue_namespace": namespace})
+    client = redis.Redis.from_url(settings.redis_url)
+    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
+    for i in range(0, len(keys), 1000):
+        client.delete(*keys[i : i + 1000])
+    client.close()
 
 
 @pytest.fixture(scope="module")
