@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import httpx
 import orjson
+import pytest
 
 T = TypeVar("T")
 TERMINAL = {"completed", "failed", "cancelled", "expired"}
@@ -68,3 +69,15 @@ def sim_log(sim_url: str) -> list[dict[str, Any]]:
         if not page["data"] or page["next"] == since:
             return records
         since = page["next"]
+
+
+def error_body(response: Any) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        pytest.fail(
+            f"HTTP {response.status_code} is not in SPEC's JSON error shape: "
+            f"{response.headers.get('content-type')!r} {response.text[:200]!r}"
+        )
+    assert isinstance(body, dict), body
+    return body

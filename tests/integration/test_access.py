@@ -29,6 +29,7 @@ from shared.models import DELIVERIES, PROVIDER_CALLS, ApiKey, Article, Feed, Que
 from shared.settings import Settings
 from shared.tenants import hash_key, issue_key
 from tests.conftest import new_key
+from tests.helpers import error_body
 
 pytestmark = pytest.mark.integration
 
@@ -108,18 +109,6 @@ def v1_routes(app: FastAPI) -> set[Route]:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def error_body(response: Any) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        pytest.fail(
-            f"HTTP {response.status_code} is not in SPEC's JSON error shape: "
-            f"{response.headers.get('content-type')!r} {response.text[:200]!r}"
-        )
-    assert isinstance(body, dict), body
-    return body
 
 
 def assert_error(response: Any, status: int, type_: str, param: str | bool | None = False) -> dict[str, Any]:

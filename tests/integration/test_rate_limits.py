@@ -25,6 +25,7 @@ from shared.settings import Settings
 from shared.stack import Stack
 from shared.tenants import issue_key
 from tests.conftest import new_key, settings_env
+from tests.helpers import error_body
 
 pytestmark = pytest.mark.integration
 
@@ -38,18 +39,6 @@ def drop_namespace(redis_url: str, namespace: str) -> None:
     if keys:
         client.delete(*keys)
     client.close()
-
-
-def error_body(response: Any) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        pytest.fail(
-            f"HTTP {response.status_code} is not in SPEC's JSON error shape: "
-            f"{response.headers.get('content-type')!r} {response.text[:200]!r}"
-        )
-    assert isinstance(body, dict), body
-    return body
 
 
 def assert_error(response: Any, status: int, type_: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from shared.settings import DEFAULT_TIERS, Settings
 from shared.tenants import issue_key
 from shared.usage import month_start
 from tests.conftest import new_key
+from tests.helpers import error_body
 from workers.broker import queue_depths
 
 pytestmark = pytest.mark.integration
@@ -87,18 +88,6 @@ def stored(sessions: sessionmaker[Session], tenant_id: str) -> tuple[int, int]:
 
 def snapshot(app: FastAPI, sessions: sessionmaker[Session], tenant_id: str) -> tuple[Any, ...]:
     return (*stored(sessions, tenant_id), queue_depths(app.state.conclave.broker))
-
-
-def error_body(response: Any) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        pytest.fail(
-            f"HTTP {response.status_code} is not in SPEC's JSON error shape: "
-            f"{response.headers.get('content-type')!r} {response.text[:200]!r}"
-        )
-    assert isinstance(body, dict), body
-    return body
 
 
 def assert_error(response: Any, status: int, type_: str, param: str | bool | None = False) -> dict[str, Any]:
