@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+	$(BIN)/lint-imports
 
 test-sqlite: $(STAMP)
 	CONCLAVE_TEST_DB=sqlite $(BIN)/pytest -q

@@ -18,9 +18,9 @@ from shared.db import make_engine, make_sessionmaker
 from shared.logs import configure_logging
 from shared.metrics import MetricsBuffer
 from shared.providers.config import load_catalog
+from shared.queue.broker import make_broker
 from shared.settings import Settings, get_settings
 from shared.tracing import setup_tracing
-from workers.broker import make_broker
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

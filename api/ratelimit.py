@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import redis
 from redis.exceptions import RedisError
 
+from shared import keys
+
 WINDOW_MS = 60_000
 
 # KEYS[1] = window. ARGV: now_ms, window_ms, limit, cost, member.
@@ -74,7 +76,7 @@ class SlidingWindow:
     def hit(self, kind: str, subject: str, limit: int, cost: int = 1) -> Verdict:
         now = int(time.time() * 1000)
         admitted, used, reset_ms = self._slide(
-            keys=[f"{self.namespace}:rl:{kind}:{subject}"],
+            keys=[keys.sliding_window(self.namespace, kind, subject)],
             args=[now, WINDOW_MS, limit, cost, uuid.uuid4().hex],
         )
         return Verdict(bool(admitted), limit, max(0, limit - int(used)), math.ceil(int(reset_ms) / 1000))

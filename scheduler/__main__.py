@@ -21,12 +21,13 @@ from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.reconcile import Reconciler
 from scheduler.jobs.webhooks import Dispatcher
 from scheduler.leader import LeaderLock
+from shared import keys
 from shared.db import make_engine, make_sessionmaker, upgrade
 from shared.knowledge.feeds import import_due_feeds
 from shared.logs import configure_logging
 from shared.metrics import MetricsBuffer
+from shared.queue.broker import make_broker
 from shared.settings import Settings, get_settings
-from workers.broker import make_broker
 
 log = logging.getLogger("conclave.scheduler")
 
@@ -50,7 +51,7 @@ def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
     sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=4))
     broker = make_broker(settings.redis_url, settings.queue_namespace)
     lock = LeaderLock(
-        redis.Redis.from_url(settings.redis_url), key=f"{settings.queue_namespace}:scheduler:leader"
+        redis.Redis.from_url(settings.redis_url), key=keys.scheduler_leader(settings.queue_namespace)
     )
     jobs: dict[str, Callable[[], Any]] = {
         "webhooks": Dispatcher(

@@ -23,6 +23,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from shared import keys
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SEP = "\x1f"  # separates name and label values in a hash field; never in a label value we emit
 
@@ -36,7 +38,7 @@ class MetricsBuffer:
 
     def __init__(self, client: redis.Redis, namespace: str, flush_s: float = 1.0):
         self.client = client
-        self.key = f"{namespace}:metrics"
+        self.key = keys.metrics(namespace)
         self.flush_s = flush_s
         self._pending: dict[str, float] = defaultdict(float)
         self._minutes: dict[str, int] = defaultdict(int)
@@ -52,7 +54,7 @@ class MetricsBuffer:
     def count_minute(self, name: str, n: int = 1) -> None:
         """Per-minute counts (kept an hour), for "throughput over the last minutes"."""
         with self._lock:
-            self._minutes[f"{self.namespace}:{name}:{int(time.time() // 60)}"] += n
+            self._minutes[keys.minute_counter(self.namespace, name, int(time.time() // 60))] += n
         self._maybe_flush()
 
     def observe_latency(self, provider: str, model: str, seconds: float) -> None:
@@ -98,7 +100,7 @@ class DeploymentCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            raw = self.client.hgetall(f"{self.namespace}:metrics")
+            raw = self.client.hgetall(keys.metrics(self.namespace))
         except redis.RedisError:
             raw = {}
         values: dict[tuple[str, ...], float] = {}
@@ -190,5 +192,5 @@ def render(collector: DeploymentCollector) -> bytes:
 def recent_counts(client: redis.Redis, namespace: str, name: str, minutes: int = 15) -> list[int]:
     """Counts of the last ``minutes`` whole minutes, oldest first (the current minute excluded)."""
     now = int(time.time() // 60)
-    keys = [f"{namespace}:{name}:{m}" for m in range(now - minutes, now)]
-    return [int(v or 0) for v in client.mget(keys)]
+    counters = [keys.minute_counter(namespace, name, m) for m in range(now - minutes, now)]
+    return [int(v or 0) for v in client.mget(counters)]

@@ -14,9 +14,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, Index, Table, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-BATCH_TERMINAL = ("completed", "failed", "cancelled", "expired")
-QUERY_TERMINAL = ("succeeded", "failed", "cancelled", "expired")
-QUERY_OPEN = ("queued", "running")
+from shared.lifecycle.statuses import DeliveryStatus, QueryStatus
 
 
 class Tenant(SQLModel, table=True):
@@ -98,7 +96,7 @@ class Query(SQLModel, table=True):
     tenant_id: str = Field(max_length=40, index=True)
     seq: int
     custom_id: str = Field(max_length=64)
-    status: str = Field(default="queued", max_length=16)
+    status: str = Field(default=QueryStatus.QUEUED, max_length=16)
     priority: str = Field(max_length=8)
     # {"messages": [...], "max_tokens": int|None, "temperature": float|None}
     request: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
@@ -172,7 +170,7 @@ class WebhookDelivery(SQLModel, table=True):
     url: str = Field(max_length=2048)
     event_type: str = Field(max_length=64)
     body: str  # the exact bytes signed and sent, so every retry is identical
-    status: str = Field(default="pending", max_length=16)  # pending | delivered | failed
+    status: str = Field(default=DeliveryStatus.PENDING, max_length=16)
     attempts: int = 0
     next_attempt_at: int
     last_attempt_at: int | None = None

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
+from shared import keys
 from shared.errors import RateLimited
 from shared.models import Batch
 
@@ -59,7 +60,7 @@ def reserve_daily_quota(
             )
             or 0
         )
-    key = f"{namespace}:quota:{tenant_id}:{day_start}"
+    key = keys.daily_quota(namespace, tenant_id, day_start)
     try:
         total = client.eval(_RESERVE, 1, key, used, n, quota, 2 * 86400)
     except redis.RedisError:

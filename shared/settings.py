@@ -6,6 +6,7 @@ constructors; nothing deep in the code reads the environment itself.
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,8 +14,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.keys import DEFAULT_NAMESPACE
+
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+PRIORITY_RANK: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
 
 
 class TierLimits(BaseModel):
@@ -73,9 +77,11 @@ class Settings(BaseSettings):
     feed_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
 
     # Workers
-    queue_namespace: str = "conclave"
+    queue_namespace: str = DEFAULT_NAMESPACE
     # How long a worker holds a query before someone else may take it over (reconciliation).
-    query_lease_seconds: int = Field(default=900, ge=10)
+    # dramatiq's time limit for a query follows it, 30 s inside (shared/queue/contract.py), so a
+    # query is stopped before its lease can pass to another worker.
+    query_lease_seconds: int = Field(default=900, ge=60)
     # Retries of transient provider errors: per query (all calls together) and per call.
     query_retry_budget: int = Field(default=16, ge=0)
     call_max_attempts: int = Field(default=5, ge=1)
@@ -121,8 +127,6 @@ class Settings(BaseSettings):
     @field_validator("trusted_proxies")
     @classmethod
     def _valid_networks(cls, value: list[str]) -> list[str]:
-        import ipaddress
-
         for item in value:
             ipaddress.ip_network(item, strict=False)
         return value

@@ -19,11 +19,12 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
+from shared.keys import DEFAULT_NAMESPACE
+from shared.ledger import CallRecord
 from shared.providers import errors
 from shared.providers.base import ChatRequest, Provider
 from shared.providers.config import Catalog, split_model_id
 from shared.providers.guard import ProviderGuard
-from shared.queries import CallRecord
 from workers.council import CallRequest, CouncilResult, CouncilSpec, KnowledgeSnippet, QueryInput, run_council
 
 # A query that failed behind an open circuit runs again after 2, 4, 8, 16 s (+0-50%), then fails.
@@ -56,7 +57,7 @@ class Runner:
         min_answers: int = 2,
         rng: random.Random | None = None,
         redis_client: aioredis.Redis | None = None,
-        namespace: str = "conclave",
+        namespace: str = DEFAULT_NAMESPACE,
     ):
         self.catalog = catalog
         self.providers = providers

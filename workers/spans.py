@@ -14,7 +14,8 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
-from shared.queries import CallRecord
+from shared.ledger import CallRecord
+from shared.lifecycle.statuses import CallStatus
 from shared.tracing import tracer
 
 STAGE_ORDER = {"answer": 0, "review": 1, "synthesis": 2}
@@ -60,7 +61,7 @@ def record_call_spans(query_span: Span, calls: list[CallRecord]) -> None:
                 start_time=_start_ns(call),
                 attributes=attributes,
             )
-            if call.status == "failed":
+            if call.status == CallStatus.FAILED:
                 span.set_status(Status(StatusCode.ERROR, call.error_category or "failed"))
             span.end(end_time=call.ended_ns)
         stage_span.end(end_time=end)

@@ -15,26 +15,19 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, StateDep, WriterDep
 from api.responses import ERROR_RESPONSES, JSONBytes, list_page
-from api.schemas import BatchCreate, BatchList, BatchObject
-from shared import batches
-from shared.queries import iter_results
+from api.schemas import BatchList, BatchObject
+from shared.batches import read, service
+from shared.batches.results import iter_results
+from shared.lifecycle.statuses import BatchStatus, QueryStatus
+from shared.schemas import BatchCreate
 from shared.tracing import carrier, tracer
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
-BatchStatus = Literal[
-    "validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled", "expired"
+# Literal types so the OpenAPI document lists the values (JSON Schema enums), from the StrEnums.
+TerminalStatus = Literal[
+    QueryStatus.SUCCEEDED, QueryStatus.FAILED, QueryStatus.CANCELLED, QueryStatus.EXPIRED
 ]
-BATCH_STATUSES = (
-    "validating",
-    "in_progress",
-    "finalizing",
-    "completed",
-    "failed",
-    "cancelling",
-    "cancelled",
-    "expired",
-)
 
 
 @router.post("", status_code=202, response_model=BatchObject, responses=ERROR_RESPONSES)
@@ -48,7 +41,7 @@ async def create_batch(
         span.set_attribute("conclave.tenant_id", principal.tenant_id)
         span.set_attribute("conclave.queries", len(payload.queries))
         batch, counts, _ = await run_in_threadpool(
-            batches.create_batch,
+            service.create_batch,
             state.sessions,
             state.broker,
             state.catalog,
@@ -61,7 +54,7 @@ async def create_batch(
             trace=carrier(),
         )
         span.set_attribute("conclave.batch_id", batch.id)
-    return JSONBytes(batches.batch_object(batch, counts), status_code=202)
+    return JSONBytes(read.batch_object(batch, counts), status_code=202)
 
 
 @router.get("", response_model=BatchList, responses=ERROR_RESPONSES)
@@ -72,24 +65,22 @@ def list_batches(
     after: Annotated[str | None, Query(max_length=64)] = None,
     status: BatchStatus | None = None,
 ) -> JSONBytes:
-    rows, has_more = batches.list_batches(
-        session, principal.tenant_id, limit=limit, after=after, status=status
-    )
-    counts = batches.counts_for(session, [b.id for b in rows])
-    data = [batches.batch_object(b, counts[b.id]) for b in rows]
+    rows, has_more = read.list_batches(session, principal.tenant_id, limit=limit, after=after, status=status)
+    counts = read.counts_for(session, [b.id for b in rows])
+    data = [read.batch_object(b, counts[b.id]) for b in rows]
     return list_page(data, has_more)
 
 
 @router.get("/{batch_id}", response_model=BatchObject, responses=ERROR_RESPONSES)
 def get_batch(batch_id: str, session: SessionDep, principal: PrincipalDep) -> JSONBytes:
-    batch = batches.get_batch(session, principal.tenant_id, batch_id)
-    return JSONBytes(batches.batch_object(batch, batches.counts_for(session, [batch.id])[batch.id]))
+    batch = read.get_batch(session, principal.tenant_id, batch_id)
+    return JSONBytes(read.batch_object(batch, read.counts_for(session, [batch.id])[batch.id]))
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchObject, responses=ERROR_RESPONSES)
 def cancel_batch(batch_id: str, state: StateDep, principal: WriterDep) -> JSONBytes:
-    batch, counts = batches.cancel_batch(state.sessions, principal.tenant_id, batch_id)
-    return JSONBytes(batches.batch_object(batch, counts))
+    batch, counts = service.cancel_batch(state.sessions, principal.tenant_id, batch_id)
+    return JSONBytes(read.batch_object(batch, counts))
 
 
 CSV_FIELDS = (
@@ -155,10 +146,10 @@ def batch_results(
     session: SessionDep,
     principal: PrincipalDep,
     format: Literal["jsonl", "csv"] = "jsonl",
-    status: Literal["succeeded", "failed", "cancelled", "expired"] | None = None,
+    status: TerminalStatus | None = None,
     include: Literal["stages"] | None = None,
 ) -> StreamingResponse:
-    batch = batches.get_batch(session, principal.tenant_id, batch_id)
+    batch = read.get_batch(session, principal.tenant_id, batch_id)
     records = iter_results(state.sessions, batch.id, status=status, include_stages=include == "stages")
     if format == "csv":
 

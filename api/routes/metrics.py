@@ -12,9 +12,10 @@ from sqlmodel import col
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import StateDep
+from shared.lifecycle.statuses import QueryStatus
 from shared.metrics import DeploymentCollector, render
 from shared.models import Batch, Query
-from workers.broker import queue_depths
+from shared.queue.inspect import queue_depths
 
 router = APIRouter(tags=["operations"])
 
@@ -26,7 +27,9 @@ async def metrics(state: StateDep) -> Response:
             batches = dict(
                 session.execute(select(col(Batch.status), func.count()).group_by(col(Batch.status))).all()
             )
-            in_flight = session.scalar(select(func.count()).where(col(Query.status) == "running")) or 0
+            in_flight = (
+                session.scalar(select(func.count()).where(col(Query.status) == QueryStatus.RUNNING)) or 0
+            )
         return {"queue_depth": queue_depths(state.broker), "batches": batches, "in_flight": in_flight}
 
     def build() -> bytes:

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from api.deps import PrincipalDep, SessionDep
 from api.responses import ERROR_RESPONSES, JSONBytes
-from shared.queries import query_detail
+from shared.batches.results import query_detail
 
 router = APIRouter(prefix="/v1/queries", tags=["queries"])
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import AdminDep, PrincipalDep, SessionDep, StateDep
 from api.responses import ERROR_RESPONSES, JSONBytes, list_page
+from shared.lifecycle.statuses import DeliveryStatus
 from shared.webhooks import endpoints
 
 router = APIRouter(tags=["webhooks"])
@@ -59,7 +60,7 @@ def rotate_secret(state: StateDep, principal: AdminDep) -> JSONBytes:
 def list_deliveries(
     session: SessionDep,
     principal: PrincipalDep,
-    status: Literal["pending", "delivered", "failed"] | None = None,
+    status: DeliveryStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=64)] = None,
 ) -> JSONBytes:

@@ -4,7 +4,7 @@ Each run:
 1. queries ``queued`` in the database whose message no longer exists in Redis (a restart
    without persistence, a FLUSHALL, an API that died between commit and enqueue) are enqueued
    again;
-2. queries ``running`` on a worker that stopped beating (``workers/heartbeat.py``) go back to
+2. queries ``running`` on a worker that stopped beating (``shared/liveness.py``) go back to
    ``queued`` and are enqueued again; so do those whose lease ran out;
 3. dramatiq's own maintenance runs on every queue, so messages a dead worker had prefetched
    but not started go back to their queue now rather than at some random later time;
@@ -23,17 +23,17 @@ import time
 
 import redis
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.common import current_millis
-from sqlalchemy import exists, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
-from shared.db import affected
-from shared.models import QUERY_OPEN, Batch, Query
-from shared.queries import finalize_batches
-from shared.settings import PRIORITIES
-from workers.broker import enqueue_messages, messages_exist, query_message
-from workers.heartbeat import DEAD_AFTER_S, dead_workers
+from shared.lifecycle.statuses import QueryStatus
+from shared.lifecycle.transitions import finalize_stragglers, hand_back, stamp_enqueued
+from shared.liveness import DEAD_AFTER_S, dead_workers
+from shared.models import Query
+from shared.queue.contract import query_message
+from shared.queue.enqueue import enqueue_messages
+from shared.queue.inspect import messages_exist, run_maintenance
 
 log = logging.getLogger("conclave.scheduler")
 
@@ -61,23 +61,10 @@ class Reconciler:
         return recovered
 
     def _finalize_stragglers(self, now: int) -> None:
-        open_query = exists().where(col(Query.batch_id) == col(Batch.id), col(Query.status).in_(QUERY_OPEN))
         with self.sessions.begin() as session:
-            stuck = session.scalars(
-                select(col(Batch.id))
-                # total > 0: a batch holds its queries from the transaction that created it, so
-                # only a (hand-made) empty one has none open without having run any.
-                .where(
-                    col(Batch.status).in_(("in_progress", "cancelling")),
-                    col(Batch.total) > 0,
-                    ~open_query,
-                )
-                .limit(100)
-            ).all()
-            if stuck:
-                done = finalize_batches(session, stuck, now)
-                if done:
-                    log.warning("finalised %d batches their last worker left unfinished", len(done))
+            done = finalize_stragglers(session, now)
+        if done:
+            log.warning("finalised %d batches their last worker left unfinished", len(done))
 
     def _recover_lost_messages(self, now: int) -> int:
         with self.sessions() as session:
@@ -85,7 +72,7 @@ class Reconciler:
                 select(col(Query.id), col(Query.priority))
                 .where(
                     col(Query.id) > self._cursor,
-                    col(Query.status) == "queued",
+                    col(Query.status) == QueryStatus.QUEUED,
                     col(Query.enqueued_at) < now - GRACE_S,
                 )
                 .order_by(col(Query.id))
@@ -103,9 +90,7 @@ class Reconciler:
             return 0
         enqueue_messages(self.broker, (query_message(qid, priority) for qid, priority in lost))
         with self.sessions.begin() as session:
-            session.execute(
-                update(Query).where(col(Query.id).in_([q for q, _ in lost])).values(enqueued_at=now)
-            )
+            stamp_enqueued(session, [q for q, _ in lost], now)
         log.info("re-enqueued %d queries whose messages were lost", len(lost))
         return len(lost)
 
@@ -113,7 +98,7 @@ class Reconciler:
         with self.sessions() as session:
             rows = session.execute(
                 select(col(Query.id), col(Query.priority), col(Query.worker_id), col(Query.lease_expires_at))
-                .where(col(Query.status) == "running")
+                .where(col(Query.status) == QueryStatus.RUNNING)
                 .limit(SCAN_LIMIT)
             ).all()
         if not rows:
@@ -127,47 +112,18 @@ class Reconciler:
         orphans = [r for r in rows if r.worker_id in dead or (r.lease_expires_at or 0) < now]
         if not orphans:
             return 0
-        handed_back = []
+        priorities = {r.id: r.priority for r in orphans}
         with self.sessions.begin() as session:
-            for r in orphans:
-                # Conditional on the holder we judged dead: if it finished meanwhile, nothing moves.
-                moved = affected(
-                    session.execute(
-                        update(Query)
-                        .where(
-                            col(Query.id) == r.id,
-                            col(Query.status) == "running",
-                            col(Query.worker_id) == r.worker_id
-                            if r.worker_id
-                            else col(Query.worker_id).is_(None),
-                        )
-                        .values(status="queued", worker_id=None, lease_expires_at=None, enqueued_at=now)
-                    )
-                )
-                if moved:
-                    handed_back.append((r.id, r.priority))
+            moved = hand_back(session, [(r.id, r.worker_id) for r in orphans], now)
+        handed_back = [(qid, priorities[qid]) for qid in moved]
         if handed_back:
             enqueue_messages(self.broker, (query_message(qid, priority) for qid, priority in handed_back))
             log.warning("handed %d queries of dead workers back to the queue", len(handed_back))
         return len(handed_back)
 
     def _dramatiq_maintenance(self) -> None:
-        dispatch = self.broker.scripts["dispatch"]
         try:
-            for priority in PRIORITIES:
-                dispatch(
-                    keys=[self.broker.namespace],
-                    args=[
-                        "qsize",
-                        current_millis(),
-                        priority,
-                        self.broker.broker_id,
-                        DEAD_AFTER_S * 1000,
-                        self.broker.dead_message_ttl,
-                        1,
-                        self.broker._max_unpack_size(),
-                    ],
-                )
+            run_maintenance(self.broker, DEAD_AFTER_S * 1000)
         except redis.RedisError as exc:
             log.warning("queue maintenance skipped: %s", type(exc).__name__)
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
 from shared.db import affected
+from shared.lifecycle.statuses import DeliveryStatus
 from shared.metrics import MetricsBuffer
 from shared.models import Tenant, WebhookDelivery, WebhookEndpoint
 from shared.webhooks.delivery import AttemptResult, attempt_delivery, make_delivery_client
@@ -107,7 +108,10 @@ class Dispatcher:
                     col(WebhookDelivery.attempts),
                     col(WebhookDelivery.next_attempt_at),
                 )
-                .where(col(WebhookDelivery.status) == "pending", col(WebhookDelivery.next_attempt_at) <= now)
+                .where(
+                    col(WebhookDelivery.status) == DeliveryStatus.PENDING,
+                    col(WebhookDelivery.next_attempt_at) <= now,
+                )
                 .order_by(col(WebhookDelivery.next_attempt_at))
                 .limit(PAGE)
             ).all()
@@ -119,7 +123,7 @@ class Dispatcher:
                         update(WebhookDelivery)
                         .where(
                             col(WebhookDelivery.id) == row.id,
-                            col(WebhookDelivery.status) == "pending",
+                            col(WebhookDelivery.status) == DeliveryStatus.PENDING,
                             col(WebhookDelivery.next_attempt_at) == row.next_attempt_at,
                         )
                         .values(next_attempt_at=now + CLAIM_S)
@@ -156,9 +160,9 @@ class Dispatcher:
             "last_error": (result.error or "")[:500] or None,
         }
         if result.outcome == "delivered":
-            values.update(status="delivered", delivered_at=now)
+            values.update(status=DeliveryStatus.DELIVERED, delivered_at=now)
         elif result.outcome in ("gone", "refused") or attempts >= len(self.schedule):
-            values.update(status="failed")
+            values.update(status=DeliveryStatus.FAILED)
         else:
             delay = self.schedule[attempts] * self._rng.uniform(0.9, 1.1)
             if result.retry_after is not None:
@@ -176,9 +180,9 @@ class Dispatcher:
                 update(WebhookDelivery)
                 .where(
                     col(WebhookDelivery.endpoint_id) == d.endpoint_id,
-                    col(WebhookDelivery.status) == "pending",
+                    col(WebhookDelivery.status) == DeliveryStatus.PENDING,
                 )
-                .values(status="failed", last_error="endpoint disabled (410 Gone)")
+                .values(status=DeliveryStatus.FAILED, last_error="endpoint disabled (410 Gone)")
             )
-        if values.get("status") == "failed":
+        if values.get("status") == DeliveryStatus.FAILED:
             log.warning("webhook delivery %s failed after %d attempt(s)", d.id, attempts)

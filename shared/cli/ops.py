@@ -121,10 +121,11 @@ def worker(
     if unknown:
         errors.print(f"[red]unknown queue(s) {unknown}; use {PRIORITIES}[/red]")
         raise typer.Exit(2)
-    from workers.broker import HIGH_RESERVE_ENV, high_reserve
+    from shared.queue.contract import HIGH_RESERVE_ENV, high_reserve
 
     # A process serving `high` and a lower queue gets extra threads kept for `high`
-    # (workers/broker.py); `threads` stays what normal and low work can have in flight.
+    # (workers/broker.py, shared/queue/contract.py); `threads` stays what normal and low work can
+    # have in flight.
     reserve = high_reserve(threads, names)
     argv = [
         sys.executable,

@@ -35,8 +35,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from shared import keys
 
 log = logging.getLogger("conclave.breaker")
 
@@ -155,7 +158,7 @@ class CircuitBreaker:
             return False, False, remaining
         try:
             won = await self.client.set(
-                f"{self.key}:probe", "1", nx=True, px=int(self.config.probe_timeout_s * 1000)
+                keys.breaker_probe(self.key), "1", nx=True, px=int(self.config.probe_timeout_s * 1000)
             )
         except RedisError:
             return True, False, 0.0  # without Redis, fail open: the breaker must not stop all work
@@ -165,7 +168,7 @@ class CircuitBreaker:
         if probe:
             await self._send(failures=0 if ok else 1, started=1, probe=True)
             with contextlib.suppress(RedisError):
-                await self.client.delete(f"{self.key}:probe")
+                await self.client.delete(keys.breaker_probe(self.key))
             return
         if ok or category not in HEALTH_FAILURES:
             if time.monotonic() - self._last_flush >= self.config.flush_s:
@@ -215,3 +218,28 @@ class CircuitBreaker:
             float(cooldown or 0),
             now,
         )
+
+
+@dataclass(frozen=True)
+class CircuitReading:
+    """What an operator sees of one provider's circuit (``/v1/admin/providers``)."""
+
+    state: str  # closed | open | half_open
+    window_calls: int
+    window_error_rate: float
+
+
+def read_circuit(client: redis.Redis, namespace: str, provider: str, now: float) -> CircuitReading:
+    """The shared circuit of ``provider`` as every worker sees it (synchronous: for the API)."""
+    raw = client.hgetall(keys.breaker(namespace, provider))
+    h = {_text(k): _text(v) for k, v in raw.items()}
+    state = h.get("state", "closed")
+    if state == "open" and now * 1000 >= float(h.get("opened_at", 0)) + float(h.get("cooldown", 0)):
+        state = "half_open"  # the cooldown has passed: the next call is the probe
+    calls = float(h.get("calls", 0))
+    error_rate = round(float(h.get("fails", 0)) / calls, 4) if calls else 0.0
+    return CircuitReading(state, int(calls), error_rate)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -12,6 +12,7 @@ import asyncio
 import httpx
 import redis.asyncio as aioredis
 
+from shared import keys
 from shared.providers import errors
 from shared.providers.base import ChatRequest, ChatResult, Provider
 from shared.providers.breaker import BreakerConfig, CircuitBreaker
@@ -24,7 +25,7 @@ class ProviderGuard:
         provider: Provider,
         *,
         redis_client: aioredis.Redis | None = None,
-        namespace: str = "conclave",
+        namespace: str = keys.DEFAULT_NAMESPACE,
         breaker: BreakerConfig | None = None,
     ):
         cfg = provider.config
@@ -35,11 +36,11 @@ class ProviderGuard:
         if redis_client is not None:
             self.breaker = CircuitBreaker(
                 redis_client,
-                f"{namespace}:breaker:{cfg.name}",
+                keys.breaker(namespace, cfg.name),
                 breaker
                 or BreakerConfig(min_failures=cfg.breaker_failures, cooldown_s=cfg.breaker_cooldown_s),
             )
-            limiter = RateLimiter(redis_client, f"{namespace}:ratelimit:{cfg.name}", rpm=cfg.rpm, tpm=cfg.tpm)
+            limiter = RateLimiter(redis_client, keys.ratelimit(namespace, cfg.name), rpm=cfg.rpm, tpm=cfg.tpm)
             self.limiter = limiter if limiter.active else None
 
     async def call(self, client: httpx.AsyncClient, request: ChatRequest) -> ChatResult:

@@ -16,8 +16,11 @@ import contextlib
 import time
 from dataclasses import dataclass
 
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from shared import keys
 
 # KEYS: one per limit. ARGV: now_ms, then per key: emission_ms (per unit), capacity_ms
 # (burst × emission), cost. Either every limit admits the call (and all are charged) or none
@@ -97,8 +100,8 @@ class RateLimiter:
         self.client = client
         self.rpm = Limit(rpm) if rpm else None
         self.tpm = Limit(tpm) if tpm else None
-        self.rpm_key = f"{key}:rpm"
-        self.tpm_key = f"{key}:tpm"
+        self.rpm_key = keys.ratelimit_rpm(key)
+        self.tpm_key = keys.ratelimit_tpm(key)
         self.max_wait_s = max_wait_s
         self._acquire = client.register_script(_ACQUIRE)
         self._adjust = client.register_script(_ADJUST)
@@ -150,3 +153,15 @@ def estimate_tokens(
     """Prompt characters / 4 plus the output the call may produce (a cheap, pessimistic guess)."""
     prompt = sum(len(m.get("content", "")) for m in messages) // 4 + 4 * len(messages)
     return prompt + (max_tokens or 512)
+
+
+def headroom(
+    client: redis.Redis, namespace: str, provider: str, kind: str, per_minute: int, now: float
+) -> int:
+    """How many units (``kind`` ``rpm``: requests, ``tpm``: tokens) the shared limiter of
+    ``provider`` would admit right now (synchronous: for the API)."""
+    prefix = keys.ratelimit(namespace, provider)
+    tat = client.get(keys.ratelimit_rpm(prefix) if kind == "rpm" else keys.ratelimit_tpm(prefix))
+    limit = Limit(per_minute)
+    backlog_ms = max(0.0, float(tat) - now * 1000) if tat else 0.0
+    return max(0, int((limit.capacity_ms - backlog_ms) / limit.emission_ms))

@@ -14,6 +14,7 @@ from sqlmodel import col
 
 from shared.errors import InvalidField, NotFound
 from shared.ids import new_id
+from shared.lifecycle.statuses import DeliveryStatus
 from shared.models import Tenant, WebhookDelivery, WebhookEndpoint
 from shared.tenants import new_webhook_secret
 from shared.webhooks.events import EVENT_TYPES
@@ -83,8 +84,11 @@ def delete_endpoint(session: Session, tenant_id: str, endpoint_id: str) -> None:
         raise NotFound(f"no webhook endpoint {endpoint_id!r}", param="webhook_id")
     session.execute(
         update(WebhookDelivery)
-        .where(col(WebhookDelivery.endpoint_id) == endpoint_id, col(WebhookDelivery.status) == "pending")
-        .values(status="failed", last_error="endpoint deleted")
+        .where(
+            col(WebhookDelivery.endpoint_id) == endpoint_id,
+            col(WebhookDelivery.status) == DeliveryStatus.PENDING,
+        )
+        .values(status=DeliveryStatus.FAILED, last_error="endpoint deleted")
     )
     session.delete(endpoint)
 
@@ -117,7 +121,7 @@ def delivery_object(d: WebhookDelivery) -> dict[str, Any]:
         "batch_id": d.batch_id,
         "status": d.status,
         "attempts": d.attempts,
-        "next_attempt_at": d.next_attempt_at if d.status == "pending" else None,
+        "next_attempt_at": d.next_attempt_at if d.status == DeliveryStatus.PENDING else None,
         "last_attempt_at": d.last_attempt_at,
         "last_status_code": d.last_status_code,
         "last_error": d.last_error,
@@ -143,7 +147,7 @@ def redeliver(session: Session, tenant_id: str, delivery_id: str) -> WebhookDeli
     delivery = session.get(WebhookDelivery, delivery_id)
     if delivery is None or delivery.tenant_id != tenant_id:
         raise NotFound(f"no webhook delivery {delivery_id!r}", param="delivery_id")
-    delivery.status = "pending"
+    delivery.status = DeliveryStatus.PENDING
     delivery.attempts = 0
     delivery.next_attempt_at = int(time.time())
     delivery.delivered_at = None

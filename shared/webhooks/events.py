@@ -17,7 +17,9 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
+from shared.batches.read import batch_object, counts_for
 from shared.ids import new_id
+from shared.lifecycle.statuses import BatchStatus, DeliveryStatus
 from shared.models import DELIVERIES, Batch, WebhookEndpoint
 
 EVENT_TYPES = (
@@ -27,7 +29,11 @@ EVENT_TYPES = (
     "cost.budget_exceeded",
     "cost.daily_summary",
 )
-BATCH_EVENTS = {"completed": "batch.completed", "cancelled": "batch.cancelled", "expired": "batch.expired"}
+BATCH_EVENTS: dict[str, str] = {
+    BatchStatus.COMPLETED: "batch.completed",
+    BatchStatus.CANCELLED: "batch.cancelled",
+    BatchStatus.EXPIRED: "batch.expired",
+}
 
 
 def emit(
@@ -63,7 +69,7 @@ def emit(
             "url": url,
             "event_type": event_type,
             "body": body,
-            "status": "pending",
+            "status": DeliveryStatus.PENDING,
             "attempts": 0,
             "next_attempt_at": now,
             "created_at": now,
@@ -77,8 +83,6 @@ def emit(
 
 def emit_batch_event(session: Session, batch_id: str, final_status: str, now: int | None = None) -> list[str]:
     """The ``batch.*`` event for a batch that just reached ``final_status`` (data = the batch object)."""
-    from shared.batches import batch_object, counts_for
-
     event_type = BATCH_EVENTS.get(final_status)
     batch = session.get(Batch, batch_id)
     if event_type is None or batch is None:

@@ -12,8 +12,10 @@ import pytest
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.message import Message
 
+from shared.queue.broker import make_broker
+from shared.queue.contract import query_message
+from shared.queue.enqueue import BULK_CHUNK, ENQUEUE_CHUNK, enqueue_messages
 from shared.settings import Priority
-from workers.broker import BULK_CHUNK, ENQUEUE_CHUNK, enqueue_messages, make_broker, query_message
 
 pytestmark = pytest.mark.integration
 

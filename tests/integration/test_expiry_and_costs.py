@@ -28,13 +28,14 @@ from api.main import create_app
 from scheduler.jobs.costs import budget_checks, daily_summaries
 from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.webhooks import Dispatcher
+from shared.batches.results import iter_results
 from shared.models import PROVIDER_CALLS, Batch, Notice, Query, Tenant, WebhookDelivery
-from shared.queries import claim_query, iter_results
 from shared.settings import Settings
 from shared.tenants import IssuedKey, issue_key
 from shared.webhooks.endpoints import register_endpoint
 from tests.helpers import counts_add_up, jsonl, poll
 from tests.integration.test_webhooks import Receiver, verify
+from tests.leases import claim_query
 
 pytestmark = pytest.mark.integration
 

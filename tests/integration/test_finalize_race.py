@@ -1,6 +1,6 @@
-"""Exactly-once finalisation under racing workers, at the data layer (``shared/queries.py``).
+"""Exactly-once finalisation under racing workers, at the data layer (``shared/lifecycle/transitions.py``).
 
-Threads play worker processes the way ``workers/actors.py`` does: claim and record the outcome in
+Threads play worker processes the way ``workers/pipeline.py`` does: claim and record the outcome in
 one transaction, then check for the batch's end in a new one. The batches are enqueued on a Redis
 namespace of their own so that the session's worker processes never run them.
 """
@@ -24,17 +24,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
-from api.schemas import BatchCreate
-from shared import batches
-from shared.batches import cancel_batch, counts_for, create_batch
+from shared.batches import service
+from shared.batches.read import counts_for
+from shared.batches.service import cancel_batch, create_batch
 from shared.errors import Conflict
-from shared.models import BATCH_TERMINAL, Batch, Query
+from shared.lifecycle.statuses import BATCH_TERMINAL
+from shared.lifecycle.transitions import ClaimedQuery, finalize_if_done
+from shared.models import Batch, Query
 from shared.providers.config import load_catalog
-from shared.queries import ClaimedQuery, claim_query, finalize_if_done, record_outcome
+from shared.queue.broker import make_broker
+from shared.schemas import BatchCreate
 from shared.settings import Settings
 from tests.conftest import new_key
 from tests.helpers import poll
-from workers.broker import make_broker
+from tests.leases import claim_query, record_outcome
 
 pytestmark = pytest.mark.integration
 
@@ -338,7 +341,7 @@ def test_cancel_losing_the_race_to_completion_is_refused_like_any_cancel_of_a_co
         running = claim_query(s, qid, "worker-a", LEASE_S, now)
     assert running is not None
 
-    real_get_batch = batches.get_batch
+    real_get_batch = service.get_batch
     raced: list[str] = []
 
     def get_batch_then_complete(session: Session, tenant: str, bid: str) -> Batch:
@@ -351,7 +354,7 @@ def test_cancel_losing_the_race_to_completion_is_refused_like_any_cancel_of_a_co
                 assert finalize_if_done(s, batch_id, now=now) == "completed"
         return found
 
-    monkeypatch.setattr(batches, "get_batch", get_batch_then_complete)
+    monkeypatch.setattr(service, "get_batch", get_batch_then_complete)
     with pytest.raises(Conflict):
         cancel_batch(sessions, tenant_id, batch_id)
     assert raced == ["in_progress"]

@@ -14,9 +14,9 @@ from sqlalchemy import func, select
 
 from api.main import create_app
 from shared.models import Batch, Query
+from shared.queue.inspect import queue_depths
 from shared.settings import Settings
 from tests.conftest import new_key
-from workers.broker import queue_depths
 
 pytestmark = pytest.mark.integration
 

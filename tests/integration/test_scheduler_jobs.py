@@ -22,18 +22,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
-from api.schemas import BatchCreate
 from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.reconcile import GRACE_S, reconcile
 from scheduler.leader import LeaderLock
-from shared.batches import cancel_batch, counts_for, create_batch
+from shared.batches.read import counts_for
+from shared.batches.service import cancel_batch, create_batch
+from shared.lifecycle.transitions import finalize_if_done
 from shared.models import Batch, Query
 from shared.providers.config import load_catalog
-from shared.queries import claim_query, finalize_if_done, record_outcome
+from shared.queue.broker import make_broker
+from shared.schemas import BatchCreate
 from shared.settings import Priority, Settings
 from tests.conftest import new_key
 from tests.helpers import poll
-from workers.broker import make_broker
+from tests.leases import claim_query, record_outcome
 
 pytestmark = pytest.mark.integration
 

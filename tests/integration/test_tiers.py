@@ -24,12 +24,12 @@ from sqlmodel import col
 from api.main import create_app
 from shared.db import make_engine, make_sessionmaker
 from shared.models import PROVIDER_CALLS, Batch, Query, Tenant
+from shared.queue.inspect import queue_depths
 from shared.settings import DEFAULT_TIERS, Settings
 from shared.tenants import issue_key
 from shared.usage import month_start
 from tests.conftest import new_key
 from tests.helpers import error_body
-from workers.broker import queue_depths
 
 pytestmark = pytest.mark.integration
 

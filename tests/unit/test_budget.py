@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from workers.broker import HIGH_RESERVE_ENV, ConclaveBroker, HighReserve, _Budget, high_reserve
+from shared.queue.contract import HIGH_RESERVE_ENV, high_reserve
+from workers.broker import ConclaveBroker, HighReserve, _Budget
 
 
 def budget_with(threads: int, lower_cap: int, held: dict[str, int]) -> _Budget:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.queries import CallRecord
+from shared.ledger import CallRecord
 from workers.runner import CIRCUIT_REQUEUES, circuit_requeue_delay
 
 

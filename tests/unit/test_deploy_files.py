@@ -18,9 +18,9 @@ import yaml
 
 from scheduler.jobs.reconcile import GRACE_S
 from shared.cli.main import app
+from shared.liveness import DEAD_AFTER_S
 from shared.providers.config import parse_catalog
 from shared.settings import PRIORITIES, Settings
-from workers.heartbeat import DEAD_AFTER_S
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -15,9 +15,9 @@ import orjson
 import pytest
 
 import workers.runner
+from shared.ledger import CallRecord
 from shared.providers.config import Catalog, parse_catalog
 from shared.providers.registry import build_providers
-from shared.queries import CallRecord
 from workers.council import CouncilResult
 from workers.runner import Runner
 

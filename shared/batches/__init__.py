@@ -1,0 +1,2 @@
+"""Batches, by concern: ``admission`` (may it be accepted?), ``service`` (create, cancel),
+``read`` (counts, the batch object, ETA), ``results`` (the results read model)."""

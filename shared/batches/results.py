@@ -1,0 +1,147 @@
+"""The results read model: one record per terminal query (SPEC §3.1), and one query in full.
+
+Records are rendered from the query rows alone, in batch order, a page at a time, so a
+50,000-query download streams in bounded memory with short transactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from sqlmodel import col
+
+from shared.errors import NotFound
+from shared.lifecycle.statuses import QUERY_TERMINAL
+from shared.models import ProviderCall, Query
+
+RESULT_PAGE = 1000
+
+
+def result_record(row: Any, include_stages: bool = False) -> dict[str, Any]:
+    result = row.result or {}
+    record: dict[str, Any] = {
+        "custom_id": row.custom_id,
+        "query_id": row.id,
+        "status": row.status,
+        "answer": result.get("answer"),
+        "error": row.error,
+        "synthesis": result.get("synthesis"),
+        "chairman": result.get("chairman"),
+        "members": [
+            {
+                "model": m["model"],
+                "status": m["status"],
+                "error": m.get("error"),
+                "latency_ms": m.get("latency_ms"),
+            }
+            for m in result.get("members", [])
+        ],
+        "aggregate_ranking": result.get("aggregate_ranking", []),
+        "citations": result.get("citations", []),
+        "usage": {
+            "input_tokens": row.input_tokens,
+            "output_tokens": row.output_tokens,
+            "total_tokens": row.input_tokens + row.output_tokens,
+        },
+        "cost_usd": round(row.cost_usd, 8),
+        "latency_ms": row.latency_ms,
+    }
+    if result.get("simulated"):
+        record["simulated"] = True
+    if include_stages:
+        record["stages"] = {
+            "answers": [
+                {
+                    "model": m["model"],
+                    "status": m["status"],
+                    "answer": m.get("answer"),
+                    "error": m.get("error"),
+                }
+                for m in result.get("members", [])
+            ],
+            "reviews": result.get("reviews", []),
+            "routing": row.routing,
+        }
+    return record
+
+
+_RESULT_COLUMNS = (
+    col(Query.seq),
+    col(Query.id),
+    col(Query.custom_id),
+    col(Query.status),
+    col(Query.result),
+    col(Query.error),
+    col(Query.routing),
+    col(Query.input_tokens),
+    col(Query.output_tokens),
+    col(Query.cost_usd),
+    col(Query.latency_ms),
+)
+
+
+def iter_results(
+    sessions: sessionmaker[Session], batch_id: str, *, status: str | None = None, include_stages: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Terminal queries in batch order, a page at a time (bounded memory, short transactions)."""
+    statuses = (status,) if status else QUERY_TERMINAL
+    last_seq = -1
+    while True:
+        with sessions() as session:
+            rows = session.execute(
+                select(*_RESULT_COLUMNS)
+                .where(
+                    col(Query.batch_id) == batch_id,
+                    col(Query.status).in_(statuses),
+                    col(Query.seq) > last_seq,
+                )
+                .order_by(col(Query.seq))
+                .limit(RESULT_PAGE)
+            ).all()
+        for row in rows:
+            yield result_record(row, include_stages)
+        if len(rows) < RESULT_PAGE:
+            return
+        last_seq = rows[-1].seq
+
+
+def query_detail(session: Session, tenant_id: str, query_id: str) -> dict[str, Any]:
+    query = session.get(Query, query_id)
+    if query is None or query.tenant_id != tenant_id:
+        raise NotFound(f"no query {query_id!r}", param="query_id")
+    calls = session.scalars(
+        select(ProviderCall).where(col(ProviderCall.query_id) == query_id).order_by(col(ProviderCall.id))
+    ).all()
+    detail = result_record(query, include_stages=True)
+    detail.update(
+        {
+            "object": "query",
+            "id": query.id,
+            "batch_id": query.batch_id,
+            "request": query.request,
+            "priority": query.priority,
+            "attempts": query.attempts,
+            "enqueued_at": query.enqueued_at,
+            "started_at": query.started_at,
+            "finished_at": query.finished_at,
+            "provider_calls": [
+                {
+                    "model": c.model,
+                    "stage": c.stage,
+                    "attempt": c.attempt,
+                    "status": c.status,
+                    "error_category": c.error_category,
+                    "latency_ms": c.latency_ms,
+                    "input_tokens": c.input_tokens,
+                    "output_tokens": c.output_tokens,
+                    "cost_usd": c.cost_usd,
+                    "created_at": c.created_at,
+                }
+                for c in calls
+            ],
+        }
+    )
+    return detail

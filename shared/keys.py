@@ -1,0 +1,94 @@
+"""Every Redis key Conclave reads or writes, named in one place.
+
+Redis holds no truth (the database does): queues, liveness, shared limits and counters. All keys
+of one deployment share its namespace (``CONCLAVE_QUEUE_NAMESPACE``), so several deployments, or
+test sessions, can share one Redis. The module that owns a piece of state is the only one that
+reads its layout; everyone else calls that module (admin views included).
+
+| key | type | owner |
+| --- | --- | --- |
+| ``{ns}:{queue}``, ``{ns}:{queue}.msgs`` | list, hash | dramatiq's Redis layout (``shared/queue``) |
+| ``{ns}:{queue}.DQ``, ``{ns}:{queue}.XQ`` | sorted sets | dramatiq: delayed, dead-lettered |
+| ``{ns}:workers``, ``{ns}:workers:since`` | sorted set, string | ``shared/liveness.py`` |
+| ``{ns}:breaker:{provider}`` (+ ``:probe``) | hash, string | ``shared/providers/breaker.py`` |
+| ``{ns}:ratelimit:{provider}:rpm`` / ``:tpm`` | string (GCRA) | ``shared/providers/ratelimit.py`` |
+| ``{ns}:rl:{kind}:{subject}`` | sorted set | ``api/ratelimit.py`` (sliding windows) |
+| ``{ns}:quota:{tenant}:{day}`` | string | ``shared/quota.py`` |
+| ``{ns}:metrics``, ``{ns}:{counter}:{minute}`` | hash, string | ``shared/metrics.py`` |
+| ``{ns}:scheduler:leader`` | string | ``scheduler/leader.py`` |
+"""
+
+from __future__ import annotations
+
+DEFAULT_NAMESPACE = "conclave"
+
+
+# dramatiq's Redis broker layout (dramatiq/brokers/redis.py and dispatch.lua, 2.x).
+def queue(ns: str, name: str) -> str:
+    return f"{ns}:{name}"
+
+
+def queue_messages(ns: str, name: str) -> str:
+    """Message bodies by id: a message is here from enqueue until its ack."""
+    return f"{ns}:{name}.msgs"
+
+
+def delayed_queue_name(name: str) -> str:
+    return f"{name}.DQ"
+
+
+def delayed(ns: str, name: str) -> str:
+    return f"{ns}:{delayed_queue_name(name)}"
+
+
+def dead_lettered(ns: str, name: str) -> str:
+    return f"{ns}:{name}.XQ"
+
+
+def workers(ns: str) -> str:
+    return f"{ns}:workers"
+
+
+def workers_since(ns: str) -> str:
+    return f"{ns}:workers:since"
+
+
+def breaker(ns: str, provider: str) -> str:
+    return f"{ns}:breaker:{provider}"
+
+
+def breaker_probe(breaker_key: str) -> str:
+    return f"{breaker_key}:probe"
+
+
+def ratelimit(ns: str, provider: str) -> str:
+    """The limiter's prefix; its rpm and tpm keys hang below it (``ratelimit_rpm``/``_tpm``)."""
+    return f"{ns}:ratelimit:{provider}"
+
+
+def ratelimit_rpm(prefix: str) -> str:
+    return f"{prefix}:rpm"
+
+
+def ratelimit_tpm(prefix: str) -> str:
+    return f"{prefix}:tpm"
+
+
+def sliding_window(ns: str, kind: str, subject: str) -> str:
+    return f"{ns}:rl:{kind}:{subject}"
+
+
+def daily_quota(ns: str, tenant_id: str, day_start: int) -> str:
+    return f"{ns}:quota:{tenant_id}:{day_start}"
+
+
+def metrics(ns: str) -> str:
+    return f"{ns}:metrics"
+
+
+def minute_counter(ns: str, name: str, minute: int) -> str:
+    return f"{ns}:{name}:{minute}"
+
+
+def scheduler_leader(ns: str) -> str:
+    return f"{ns}:scheduler:leader"

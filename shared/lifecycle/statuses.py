@@ -1,0 +1,53 @@
+"""The statuses of batches, queries and provider calls (SPEC §3.1, §5.3), as ``StrEnum``s.
+
+They compare equal to their strings, so rows, JSON and query parameters need no conversion.
+Only ``shared/lifecycle/transitions.py`` writes a batch or query status.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class BatchStatus(StrEnum):
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class QueryStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class CallStatus(StrEnum):
+    """One attempt at one provider call (the ledger's rows), and a council member's outcome."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+BATCH_TERMINAL = frozenset(
+    {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED, BatchStatus.EXPIRED}
+)
+# A batch still taking work: cancel and expiry move it on from here.
+BATCH_ACCEPTING = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+QUERY_TERMINAL = (QueryStatus.SUCCEEDED, QueryStatus.FAILED, QueryStatus.CANCELLED, QueryStatus.EXPIRED)
+QUERY_OPEN = (QueryStatus.QUEUED, QueryStatus.RUNNING)
+
+
+class DeliveryStatus(StrEnum):
+    """One webhook delivery (``scheduler/jobs/webhooks.py`` moves it on)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
