@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
-import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Literal, cast
 
 import httpx
 
+from shared.retry_after import parse_retry_after
 from shared.webhooks.ssrf import (
     DEFAULT_PORTS,
     AsyncResolver,
@@ -43,7 +41,6 @@ from shared.webhooks.ssrf import (
 
 MAX_RESPONSE_BYTES = 64 * 1024
 _MAX_ERROR_CHARS = 200
-_DELAY_SECONDS = re.compile(r"\d{1,10}(\.\d{1,6})?", re.ASCII)
 
 Outcome = Literal["delivered", "retry", "gone", "refused"]
 
@@ -121,25 +118,6 @@ async def attempt_delivery(
         return AttemptResult("retry", error=f"TimeoutError: no response within {timeout_s:g}s")
     except httpx.HTTPError as exc:
         return AttemptResult("retry", error=_describe(exc))
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP date); never negative.
-
-    None when absent or unparsable; a date in the past means 0.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if _DELAY_SECONDS.fullmatch(value):
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 async def _post(
