@@ -5,6 +5,12 @@ For each call the runner picks the provider from the model id and goes through i
 transient errors with exponential backoff and full jitter within the query's retry budget
 (honouring the provider's wait hint), falls back along the model's ``fallbacks``, and records
 every attempt as a ``CallRecord`` with its cost.
+
+A member's fallback answers in its place, and the runner tells the council which model did
+(``Completion.model``): the council reports it and keeps a model from reviewing its own answer
+(see ``workers.council.stages``). A fallback the call says to ``avoid`` (the authors of the
+answers a review shows) is skipped. Reviews and the synthesis get the runner's token budgets,
+not the query's ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,15 @@ from shared.providers.base import ChatRequest, Provider
 from shared.providers.config import Catalog, split_model_id
 from shared.providers.guard import ProviderGuard
 from shared.queries import CallRecord
-from workers.council import CallRequest, CouncilResult, CouncilSpec, KnowledgeSnippet, QueryInput, run_council
+from workers.council import (
+    CallRequest,
+    Completion,
+    CouncilResult,
+    CouncilSpec,
+    KnowledgeSnippet,
+    QueryInput,
+    run_council,
+)
 
 # A query that failed behind an open circuit runs again after 2, 4, 8, 16 s (+0-50%), then fails.
 CIRCUIT_REQUEUES = 4
@@ -34,6 +48,10 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 # A provider's wait hint beyond this is not worth holding a worker slot for: fail over instead.
 MAX_HINT_WAIT_S = 60.0
+# Output budgets of a review and of the synthesis (CONCLAVE_REVIEW_MAX_TOKENS and
+# CONCLAVE_SYNTHESIS_MAX_TOKENS): a review evaluates every answer before its FINAL RANKING list.
+REVIEW_MAX_TOKENS = 2048
+SYNTHESIS_MAX_TOKENS = 2048
 
 
 @dataclass
@@ -54,6 +72,8 @@ class Runner:
         retry_budget: int = 16,
         max_attempts: int = 5,
         min_answers: int = 2,
+        review_max_tokens: int = REVIEW_MAX_TOKENS,
+        synthesis_max_tokens: int = SYNTHESIS_MAX_TOKENS,
         rng: random.Random | None = None,
         redis_client: aioredis.Redis | None = None,
         namespace: str = "conclave",
@@ -64,6 +84,8 @@ class Runner:
         self.retry_budget = retry_budget
         self.max_attempts = max_attempts
         self.min_answers = min_answers
+        self.review_max_tokens = review_max_tokens
+        self.synthesis_max_tokens = synthesis_max_tokens
         self._rng = rng or random.Random()
         # Without Redis (unit tests) there is no shared breaker or rate limit, only the local cap.
         self.guards = {
@@ -80,6 +102,8 @@ class Runner:
             chairman=chairman,
             chairman_fallbacks=self.catalog.model(chairman).fallbacks,
             min_answers=None if len(members) == 1 else min(self.min_answers, len(members)),
+            review_max_tokens=self.review_max_tokens,
+            synthesis_max_tokens=self.synthesis_max_tokens,
         )
 
     async def run(
@@ -101,23 +125,20 @@ class Runner:
             knowledge=knowledge,
         )
 
-        async def complete(call: CallRequest) -> str:
+        async def complete(call: CallRequest) -> Completion:
             return await self._complete(state, call)
 
         return await run_council(spec, query, complete)
 
-    async def _complete(self, state: QueryRun, call: CallRequest) -> str:
+    async def _complete(self, state: QueryRun, call: CallRequest) -> Completion:
         # The chairman's fallbacks are the council's business (it labels the synthesis
-        # "fallback_chairman"); a member's fallbacks stand in for it silently.
-        chain = (
-            (call.model,)
-            if call.stage == "synthesis"
-            else (call.model, *self.catalog.model(call.model).fallbacks)
-        )
+        # "fallback_chairman"); a member's fallbacks stand in for it, and the answer says whose it is.
+        fallbacks = () if call.stage == "synthesis" else self.catalog.model(call.model).fallbacks
+        chain = (call.model, *(m for m in fallbacks if m not in call.avoid and m != call.model))
         last: errors.ProviderError | None = None
         for model in chain:
             try:
-                return await self._with_retries(state, model, call)
+                return Completion(await self._with_retries(state, model, call), model)
             except errors.ProviderError as exc:
                 last = exc
         assert last is not None
