@@ -30,6 +30,7 @@ from shared.settings import Settings
 from shared.tenants import hash_key, issue_key
 from tests.conftest import new_key
 from tests.helpers import error_body
+from tests.leaks import remember_secret
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +131,14 @@ def assert_error(response: Any, status: int, type_: str, param: str | bool | Non
 def call(client: TestClient, route: Route, ids: dict[str, str], headers: dict[str, str]) -> Any:
     method, template = route
     body = BODIES.get(route)
-    return client.request(method, template.format(**ids), json=body, headers=headers)
+    response = client.request(method, template.format(**ids), json=body, headers=headers)
+    if response.status_code in (200, 201) and route in (
+        ("POST", "/v1/keys"),
+        ("POST", "/v1/webhook-secret/rotate"),
+    ):
+        created = response.json()
+        remember_secret(created.get("api_key") or created["secret"])
+    return response
 
 
 @dataclass
@@ -191,6 +199,7 @@ def make_resources(client: TestClient, admin_key: str, sessions: Any) -> Resourc
         )
     key = client.post("/v1/keys", json={"role": "user"}, headers=h)
     assert key.status_code == 201, key.text
+    remember_secret(key.json()["api_key"])
     feed = client.post(
         "/v1/knowledge/feeds", json={"url": "http://127.0.0.1:9/rss.xml", "domain": "acl"}, headers=h
     )
@@ -441,7 +450,7 @@ def test_revoked_key_is_401_on_every_v1_route(app: FastAPI, api: TestClient, ses
     admin_key, _ = new_key(sessions, tenant_name())
     resources = make_resources(api, admin_key, sessions)
     created = api.post("/v1/keys", json={"role": "admin"}, headers=bearer(admin_key)).json()
-    doomed = created["api_key"]
+    doomed = remember_secret(created["api_key"])
     assert api.get("/v1/batches", headers=bearer(doomed)).status_code == 200
     revoked = api.delete(f"/v1/keys/{created['id']}", headers=bearer(admin_key))
     assert revoked.status_code == 200 and isinstance(revoked.json()["revoked_at"], int)
@@ -455,19 +464,21 @@ def test_admin_endpoints_need_an_admin_of_the_operator_tenant(api: TestClient, s
     tenant_admin, _ = new_key(sessions, tenant_name(), "admin")
     op_name = f"op-{uuid.uuid4().hex[:10]}"
     with sessions.begin() as s:
-        op_admin = issue_key(s, tenant_name=op_name, role="admin", tier="enterprise", operator=True).api_key
-        op_user = issue_key(s, tenant_name=op_name, role="user", tier="enterprise").api_key
+        op_admin = issue_key(s, tenant_name=op_name, role="admin", tier="enterprise", operator=True)
+        op_user = issue_key(s, tenant_name=op_name, role="user", tier="enterprise")
+    remember_secret(op_admin.api_key, op_user.api_key, op_admin.webhook_secret)
     for path in ("/v1/admin/queues", "/v1/admin/providers"):
         assert_error(api.get(path, headers=bearer(tenant_admin)), 403, "permission_error")
-        assert_error(api.get(path, headers=bearer(op_user)), 403, "permission_error")
-        assert api.get(path, headers=bearer(op_admin)).status_code == 200
+        assert_error(api.get(path, headers=bearer(op_user.api_key)), 403, "permission_error")
+        assert api.get(path, headers=bearer(op_admin.api_key)).status_code == 200
 
 
 def operator_admin(sessions: Any) -> str:
     with sessions.begin() as s:
-        return issue_key(
+        issued = issue_key(
             s, tenant_name=f"op-{uuid.uuid4().hex[:10]}", role="admin", tier="enterprise", operator=True
-        ).api_key
+        )
+    return remember_secret(issued.api_key, issued.webhook_secret)
 
 
 def test_admin_queues_report_the_documented_fields(api: TestClient, sessions: Any) -> None:
@@ -506,7 +517,7 @@ def test_key_management_shows_a_key_once_and_never_its_hash(api: TestClient, ses
     created = api.post("/v1/keys", json={"role": "viewer"}, headers=bearer(admin_key))
     assert created.status_code == 201, created.text
     body = created.json()
-    api_key = body["api_key"]
+    api_key = remember_secret(body["api_key"])
     assert api_key.startswith("cnk_") and len(api_key) > 30
     assert body["role"] == "viewer" and body["revoked_at"] is None
     assert api_key.startswith(body["prefix"]) and len(body["prefix"]) < len(api_key)
