@@ -191,6 +191,16 @@ class Runner:
             )
             return result.text
 
+    async def healthy(self, models: Sequence[str]) -> set[str]:
+        """The ``models`` whose provider's circuit is closed, as this process last read the shared
+        breakers (all of them without Redis). Half-open counts as down: one probe goes through."""
+        up = set()
+        for model in models:
+            guard = self.guards.get(split_model_id(model)[0])
+            if guard is None or guard.breaker is None or (await guard.breaker.state())[0] == "closed":
+                up.add(model)
+        return up
+
     async def circuit_cooldown_s(self, calls: Sequence[CallRecord]) -> float:
         """Seconds until every circuit that refused one of ``calls`` lets a probe through: what
         is left of its cooldown while open, its base cooldown while a probe is out (half-open),
