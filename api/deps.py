@@ -9,7 +9,7 @@ from typing import Annotated
 
 from dramatiq.brokers.redis import RedisBroker
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -56,7 +56,8 @@ SessionDep = Annotated[Session, Depends(get_session)]
 def _bearer(request: Request) -> str | None:
     header = request.headers.get("authorization")
     if not header:
-        return None
+        # What Anthropic's SDK sends (SPEC §11); Authorization wins when both are present.
+        return (request.headers.get("x-api-key") or "").strip() or None
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("the Authorization header must be 'Bearer <key>'")
@@ -65,12 +66,16 @@ def _bearer(request: Request) -> str | None:
 
 # Declared so the OpenAPI document states how to authenticate; the header is read in _bearer.
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+api_key_scheme = APIKeyHeader(
+    name="x-api-key", auto_error=False, description="An API key, as Anthropic's SDK sends it"
+)
 
 
 def get_principal(
     request: Request,
     state: StateDep,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
+    _api_key: Annotated[str | None, Depends(api_key_scheme)] = None,
 ) -> Principal:
     try:
         with state.sessions() as session:

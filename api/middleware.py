@@ -19,6 +19,8 @@ from shared.metrics import MetricsBuffer
 from shared.settings import Settings
 
 UNLIMITED_PATHS = ("/healthz", "/readyz", "/metrics")
+UPLOAD_PATH = "/v1/files"
+UPLOAD_FORM_BYTES = 1024 * 1024
 
 
 def _error(status: int, type_: str, message: str, param: str | None = None) -> bytes:
@@ -44,6 +46,9 @@ class Guards:
             return
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         max_bytes = self.settings.max_request_bytes
+        if scope.get("path") == UPLOAD_PATH:
+            # A file upload is bounded by the file limit, plus room for the form around the file.
+            max_bytes = self.settings.max_file_bytes + UPLOAD_FORM_BYTES
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             await self._reply(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Table, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, LargeBinary, Table, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from shared.lifecycle.statuses import DeliveryStatus, QueryStatus
@@ -67,6 +67,14 @@ class Batch(SQLModel, table=True):
     meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
     completion_window: str = Field(max_length=8)
     input_file_id: str | None = Field(default=None, max_length=40)
+    # "/v1/council" for inline batches, "/v1/chat/completions" for OpenAI file batches (SPEC §11).
+    endpoint: str = Field(
+        default="/v1/council", max_length=64, sa_column_kwargs={"server_default": "/v1/council"}
+    )
+    # The batch's output and error files: views of its results (``shared.files``), named at
+    # creation and shown once the batch has ended.
+    output_file_id: str | None = Field(default=None, max_length=40)
+    error_file_id: str | None = Field(default=None, max_length=40)
     errors: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     total: int
     idempotency_key: str | None = Field(default=None, max_length=255)
@@ -248,8 +256,44 @@ class ArticleVersion(SQLModel, table=True):
     fetched_at: int
 
 
+class StoredFile(SQLModel, table=True):
+    """A file of SPEC §11 (``/v1/files``). An uploaded file's bytes are ``FileChunk`` rows; a
+    batch's output or error file (``batch_id`` and ``kind`` set) has none: it is rendered from the
+    batch's results when downloaded (``shared.files.views``)."""
+
+    __tablename__ = "files"
+    __table_args__ = (
+        Index("ix_files_tenant_id", "tenant_id", "id"),
+        Index("ix_files_expires_at", "expires_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenants.id", max_length=40)
+    purpose: str = Field(max_length=32)
+    filename: str = Field(max_length=255)
+    # None for a view whose size is not known yet (it is measured once, after the batch ends).
+    bytes: int | None = None
+    lines: int = 0
+    batch_id: str | None = Field(default=None, max_length=40, index=True)
+    kind: str | None = Field(default=None, max_length=8)  # "output" | "error" for views
+    created_at: int
+    expires_at: int | None = None
+
+
+class FileChunk(SQLModel, table=True):
+    """One piece (up to ``shared.files.store.CHUNK_BYTES``) of an uploaded file, in order."""
+
+    __tablename__ = "file_chunks"
+
+    file_id: str = Field(foreign_key="files.id", primary_key=True, max_length=40)
+    seq: int = Field(primary_key=True)
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
 # Core table handles for bulk statements (typed: SQLModel does not declare ``__table__``).
 QUERIES: Table = Query.__table__  # type: ignore[attr-defined]
 BATCHES: Table = Batch.__table__  # type: ignore[attr-defined]
 PROVIDER_CALLS: Table = ProviderCall.__table__  # type: ignore[attr-defined]
 DELIVERIES: Table = WebhookDelivery.__table__  # type: ignore[attr-defined]
+FILES: Table = StoredFile.__table__  # type: ignore[attr-defined]
+FILE_CHUNKS: Table = FileChunk.__table__  # type: ignore[attr-defined]

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_prompt_chars: int = Field(default=200_000, ge=1)
     default_completion_window: str = "24h"
+    # Files (SPEC §11): an uploaded file's size and lines; how long files are kept.
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    max_file_lines: int = Field(default=50_000, ge=1)
+    file_expiry_days: int = Field(default=30, ge=1)
 
     # Database connections per process (and as many again in overflow).
     db_pool_size: int = Field(default=8, ge=1)
@@ -86,6 +90,10 @@ class Settings(BaseSettings):
     query_retry_budget: int = Field(default=16, ge=0)
     call_max_attempts: int = Field(default=5, ge=1)
     min_answers: int = Field(default=2, ge=1)
+    # Output budgets of a review (stage 2) and of the synthesis (stage 3); a query's max_tokens
+    # is for its answers only, and a small one would cut off a review's FINAL RANKING.
+    review_max_tokens: int = Field(default=2048, ge=64)
+    synthesis_max_tokens: int = Field(default=2048, ge=64)
 
     # Limits per tier (JSON in CONCLAVE_TIERS); each tenant may override fields.
     tiers: dict[str, TierLimits] = Field(default_factory=lambda: dict(DEFAULT_TIERS))

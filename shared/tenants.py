@@ -2,6 +2,9 @@
 
 Keys are 256 bits of randomness shown once; only their SHA-256 is stored, so a leaked
 database does not leak usable keys. Roles, tiers and rate limits build on this.
+
+The tiers are the keys of ``settings.tiers`` (``CONCLAVE_TIERS``): :func:`tier_names` is the one
+list of valid tier names, for the CLI as for :func:`issue_key`.
 """
 
 from __future__ import annotations
@@ -20,11 +23,25 @@ from sqlmodel import col
 from shared.errors import NotFound, Unauthorized
 from shared.ids import new_id
 from shared.models import ApiKey, Tenant
-from shared.settings import Settings, TierLimits
+from shared.settings import DEFAULT_TIERS, Settings, TierLimits, get_settings
 
 ROLES = ("admin", "user", "viewer")
-TIERS = ("free", "pro", "enterprise")
+# The default tier names only; what a deployment accepts is tier_names(settings). Kept while
+# shared/cli/ops.py still imports it.
+TIERS = tuple(DEFAULT_TIERS)
 KEY_PREFIX = "cnk_"
+
+
+def tier_names(settings: Settings) -> tuple[str, ...]:
+    """The tiers a tenant may have in this deployment, in ``CONCLAVE_TIERS`` order."""
+    return tuple(settings.tiers)
+
+
+def check_tier(settings: Settings, tier: str) -> str | None:
+    """Why ``tier`` cannot be given to a tenant, or None when it can."""
+    if tier in settings.tiers:
+        return None
+    return f"tier must be one of {', '.join(tier_names(settings))}, not {tier!r}"
 
 
 def hash_key(api_key: str) -> str:
@@ -71,13 +88,24 @@ class Principal:
 
 
 def issue_key(
-    session: Session, *, tenant_name: str, role: str, tier: str, operator: bool = False
+    session: Session,
+    *,
+    tenant_name: str,
+    role: str,
+    tier: str,
+    operator: bool = False,
+    settings: Settings | None = None,
 ) -> IssuedKey:
-    """Create the tenant if needed (with ``tier``), then a new key for it. Caller commits."""
+    """Create the tenant if needed (with ``tier``), then a new key for it. Caller commits.
+
+    ``tier`` must be one of ``settings.tiers``; without ``settings``, those of the environment,
+    as every process reads them.
+    """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
-    if tier not in TIERS:
-        raise ValueError(f"tier must be one of {TIERS}")
+    problem = check_tier(settings or get_settings(), tier)
+    if problem:
+        raise ValueError(problem)
     now = int(time.time())
     tenant = session.scalars(select(Tenant).where(col(Tenant.name) == tenant_name)).first()
     created = tenant is None

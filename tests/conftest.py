@@ -23,15 +23,57 @@ from shared.settings import Settings
 from shared.sim import SimConfig, SimServer
 from shared.stack import Stack, redis_reachable
 from shared.tenants import issue_key
+from tests.leaks import CREATED_SECRETS, Leak, find_leaks, leaks_in_files, remember_secret
+from tests.leaks import report as leak_report
 
 IN_CI = bool(os.environ.get("CI"))
-# Every API key and webhook secret the suite creates through new_key; none may ever be logged.
-CREATED_SECRETS: set[str] = set()
 REDIS_URL = os.environ.get("CONCLAVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get(
     "CONCLAVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 DB_KIND = os.environ.get("CONCLAVE_TEST_DB", "sqlite")
+
+
+# ---------------------------------------------------------------- secrets never in logs
+
+# CREATED_SECRETS (tests/leaks.py) holds every API key, webhook secret and provider key the suite
+# creates (remember_secret adds one). After the last test, every log file under the session's base
+# directory and everything pytest captured from each test (in-process apps log their JSON lines to
+# stderr) is searched for them and for anything shaped like a key; one found fails the run. It is
+# reported in the terminal summary rather than as a test error, because pytest prints a failing
+# test's captured output, which would show the secret whole.
+_LEAKS: list[Leak] = []
+_SEEN_SECTIONS: set[tuple[str, str]] = set()
+_BASETEMP: list[Path] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # A test's later reports repeat the sections of its earlier phases: each is searched once.
+    for section, captured in report.sections:
+        if (report.nodeid, section) not in _SEEN_SECTIONS:
+            _SEEN_SECTIONS.add((report.nodeid, section))
+            where = f"{report.nodeid} ({section.lower()})"
+            _LEAKS.extend(find_leaks(where, captured.splitlines(), CREATED_SECRETS))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_logs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Where the session's processes write their logs (``Stack(logs=...)`` under ``tmp_path``)."""
+    _BASETEMP.append(tmp_path_factory.getbasetemp())
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # After every fixture's teardown: each process has stopped and written its last line.
+    for root in _BASETEMP[:1]:
+        _LEAKS.extend(leaks_in_files(root, CREATED_SECRETS))
+    if _LEAKS:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _LEAKS:
+        terminalreporter.section("secrets in logs", red=True)
+        terminalreporter.line(leak_report(_LEAKS), red=True)
 
 
 def require(available: bool, what: str) -> None:
@@ -223,6 +265,7 @@ def new_key(sessions: Any, tenant: str | None = None, role: str = "admin") -> tu
         issued = issue_key(
             session, tenant_name=tenant or f"t-{uuid.uuid4().hex[:8]}", role=role, tier="enterprise"
         )
+    remember_secret(issued.api_key, issued.webhook_secret)
     return issued.api_key, issued.tenant_id
 
 

@@ -1,7 +1,14 @@
 """``mode: "auto"`` (SPEC §5.4): a cheap, explainable complexity estimate per query.
 
-Simple queries go to the cheapest member alone, complex ones to the full council. The score
-adds up visible signals (length, structure, reasoning words) so the stored reason says why.
+Simple queries go to the cheapest healthy member alone, complex ones to the full council minus
+the members whose circuit is open. The score adds up visible signals (length, structure,
+reasoning words) so the stored reason says why, and the reason names every member skipped.
+
+Health comes in as a predicate (``healthy(model)``: is the circuit of the model's provider not
+open?), so routing stays pure; the worker reads the shared breakers. When every member is down a
+simple query still goes to the cheapest (it waits for the circuit like any other query), and a
+complex one keeps the full council unless at least two healthy members are left: a council of
+one is no council, and the members' fallbacks and the circuit wait serve it better.
 """
 
 from __future__ import annotations
@@ -60,19 +67,52 @@ def complexity(text: str, turns: int) -> tuple[int, list[str]]:
     return score, why
 
 
-def route(messages: Sequence[dict[str, str]], members: Sequence[str], price: Callable[[str], float]) -> Route:
+def route(
+    messages: Sequence[dict[str, str]],
+    members: Sequence[str],
+    price: Callable[[str], float],
+    healthy: Callable[[str], bool] = lambda model: True,
+) -> Route:
     text = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
     score, why = complexity(text, len(messages))
     if len(members) == 1:
         signals = f" (signals: {'; '.join(why)})" if why else ""
         return Route("council", tuple(members), score, f"single member{signals}")
+    up = [m for m in members if healthy(m)]
+    down = ", ".join(m for m in members if m not in up)
     if score >= COMPLEX_THRESHOLD:
-        return Route("council", tuple(members), score, "complex: " + "; ".join(why))
-    cheapest = min(members, key=lambda m: (price(m), members.index(m)))
+        reason = "complex: " + "; ".join(why)
+        if not down:
+            return Route("council", tuple(members), score, reason)
+        if len(up) < 2:
+            return Route(
+                "council",
+                tuple(members),
+                score,
+                f"{reason}; circuit open for {down}: too few healthy members to leave out",
+            )
+        return Route("council", tuple(up), score, f"{reason}; skipped (circuit open): {down}")
     detail = "; ".join(why) if why else "short, plain question"
-    return Route(
-        "single",
-        (cheapest,),
-        score,
-        f"simple (score {score} < {COMPLEX_THRESHOLD}: {detail}); cheapest member {cheapest}",
-    )
+    reason = f"simple (score {score} < {COMPLEX_THRESHOLD}: {detail})"
+    if not up:
+        cheapest = _cheapest(members, members, price)
+        return Route(
+            "single",
+            (cheapest,),
+            score,
+            f"{reason}; every member's circuit is open, cheapest member {cheapest}",
+        )
+    cheapest = _cheapest(up, members, price)
+    if down:
+        return Route(
+            "single",
+            (cheapest,),
+            score,
+            f"{reason}; cheapest healthy member {cheapest} (circuit open: {down})",
+        )
+    return Route("single", (cheapest,), score, f"{reason}; cheapest member {cheapest}")
+
+
+def _cheapest(candidates: Sequence[str], members: Sequence[str], price: Callable[[str], float]) -> str:
+    # Price ties keep member order.
+    return min(candidates, key=lambda m: (price(m), members.index(m)))

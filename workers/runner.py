@@ -5,11 +5,18 @@ For each call the runner picks the provider from the model id and goes through i
 transient errors with exponential backoff and full jitter within the query's retry budget
 (honouring the provider's wait hint), falls back along the model's ``fallbacks``, and records
 every attempt as a ``CallRecord`` with its cost.
+
+A member's fallback answers in its place, and the runner tells the council which model did
+(``Completion.model``): the council reports it and keeps a model from reviewing its own answer
+(see ``workers.council.stages``). A fallback the call says to ``avoid`` (the authors of the
+answers a review shows) is skipped. Reviews and the synthesis get the runner's token budgets,
+not the query's ``max_tokens``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -25,9 +32,23 @@ from shared.providers import errors
 from shared.providers.base import ChatRequest, Provider
 from shared.providers.config import Catalog, split_model_id
 from shared.providers.guard import ProviderGuard
-from workers.council import CallRequest, CouncilResult, CouncilSpec, KnowledgeSnippet, QueryInput, run_council
+from workers.council import (
+    CallRequest,
+    Completion,
+    CouncilResult,
+    CouncilSpec,
+    KnowledgeSnippet,
+    QueryInput,
+    run_council,
+)
 
-# A query that failed behind an open circuit runs again after 2, 4, 8, 16 s (+0-50%), then fails.
+# A query that failed behind an open circuit waits for the circuit's cooldown, +0-50% so the herd
+# comes back spread out, at least a few seconds; its last run must start this long before the
+# batch's window closes, or it fails with the circuit as its error.
+CIRCUIT_WAIT_MIN_S = 2.0
+CIRCUIT_WAIT_JITTER = 0.5
+CIRCUIT_WINDOW_MARGIN_S = 120
+# The policy before waits followed the breaker (until the worker passes the batch's window).
 CIRCUIT_REQUEUES = 4
 CIRCUIT_REQUEUE_BASE_S = 2
 CIRCUIT_REQUEUE_CAP_S = 60
@@ -35,6 +56,10 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 # A provider's wait hint beyond this is not worth holding a worker slot for: fail over instead.
 MAX_HINT_WAIT_S = 60.0
+# Output budgets of a review and of the synthesis (CONCLAVE_REVIEW_MAX_TOKENS and
+# CONCLAVE_SYNTHESIS_MAX_TOKENS): a review evaluates every answer before its FINAL RANKING list.
+REVIEW_MAX_TOKENS = 2048
+SYNTHESIS_MAX_TOKENS = 2048
 
 
 @dataclass
@@ -55,6 +80,8 @@ class Runner:
         retry_budget: int = 16,
         max_attempts: int = 5,
         min_answers: int = 2,
+        review_max_tokens: int = REVIEW_MAX_TOKENS,
+        synthesis_max_tokens: int = SYNTHESIS_MAX_TOKENS,
         rng: random.Random | None = None,
         redis_client: aioredis.Redis | None = None,
         namespace: str = DEFAULT_NAMESPACE,
@@ -65,6 +92,8 @@ class Runner:
         self.retry_budget = retry_budget
         self.max_attempts = max_attempts
         self.min_answers = min_answers
+        self.review_max_tokens = review_max_tokens
+        self.synthesis_max_tokens = synthesis_max_tokens
         self._rng = rng or random.Random()
         # Without Redis (unit tests) there is no shared breaker or rate limit, only the local cap.
         self.guards = {
@@ -81,6 +110,8 @@ class Runner:
             chairman=chairman,
             chairman_fallbacks=self.catalog.model(chairman).fallbacks,
             min_answers=None if len(members) == 1 else min(self.min_answers, len(members)),
+            review_max_tokens=self.review_max_tokens,
+            synthesis_max_tokens=self.synthesis_max_tokens,
         )
 
     async def run(
@@ -102,23 +133,20 @@ class Runner:
             knowledge=knowledge,
         )
 
-        async def complete(call: CallRequest) -> str:
+        async def complete(call: CallRequest) -> Completion:
             return await self._complete(state, call)
 
         return await run_council(spec, query, complete)
 
-    async def _complete(self, state: QueryRun, call: CallRequest) -> str:
+    async def _complete(self, state: QueryRun, call: CallRequest) -> Completion:
         # The chairman's fallbacks are the council's business (it labels the synthesis
-        # "fallback_chairman"); a member's fallbacks stand in for it silently.
-        chain = (
-            (call.model,)
-            if call.stage == "synthesis"
-            else (call.model, *self.catalog.model(call.model).fallbacks)
-        )
+        # "fallback_chairman"); a member's fallbacks stand in for it, and the answer says whose it is.
+        fallbacks = () if call.stage == "synthesis" else self.catalog.model(call.model).fallbacks
+        chain = (call.model, *(m for m in fallbacks if m not in call.avoid and m != call.model))
         last: errors.ProviderError | None = None
         for model in chain:
             try:
-                return await self._with_retries(state, model, call)
+                return Completion(await self._with_retries(state, model, call), model)
             except errors.ProviderError as exc:
                 last = exc
         assert last is not None
@@ -164,6 +192,33 @@ class Runner:
             )
             return result.text
 
+    async def healthy(self, models: Sequence[str]) -> set[str]:
+        """The ``models`` whose provider's circuit is closed, as this process last read the shared
+        breakers (all of them without Redis). Half-open counts as down: one probe goes through."""
+        up = set()
+        for model in models:
+            guard = self.guards.get(split_model_id(model)[0])
+            if guard is None or guard.breaker is None or (await guard.breaker.state())[0] == "closed":
+                up.add(model)
+        return up
+
+    async def circuit_cooldown_s(self, calls: Sequence[CallRecord]) -> float:
+        """Seconds until every circuit that refused one of ``calls`` lets a probe through: what
+        is left of its cooldown while open, its base cooldown while a probe is out (half-open),
+        0 once it has closed. The longest one counts: a query run earlier pays for its healthy
+        members' answers again without an answer from the member it lacked."""
+        waits = [0.0]
+        for provider in _refused_providers(calls):
+            guard = self.guards.get(provider)
+            if guard is None or guard.breaker is None:
+                continue
+            state, remaining = await guard.breaker.state()
+            if state == "open":
+                waits.append(remaining)
+            elif state == "half_open":
+                waits.append(guard.breaker.config.cooldown_s)
+        return max(waits)
+
     def _backoff(self, attempt: int, hint: float | None) -> float:
         # Full jitter (AWS architecture blog): spreads retries of many workers apart.
         delay = self._rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
@@ -172,22 +227,66 @@ class Runner:
         return delay
 
 
-def circuit_requeue_delay(attempts: int, status: str, calls: Sequence[CallRecord]) -> int:
-    """Seconds to hand a query back to the queue for, or 0 to record its outcome now.
+@dataclass(frozen=True)
+class CircuitWait:
+    """What a finished run means for its query, from ``circuit_wait``: record it as it is
+    (nothing set), hand it back to the queue (``requeue_in_s``), or record it failed with
+    ``error``, the circuit that outlasted the batch's window."""
+
+    requeue_in_s: int = 0
+    error: dict[str, str] | None = None
+
+
+def circuit_wait(
+    status: str,
+    error: dict[str, str] | None,
+    calls: Sequence[CallRecord],
+    *,
+    cooldown_s: float,
+    now: float,
+    expires_at: int,
+    rng: random.Random | None = None,
+) -> CircuitWait:
+    """Does a query that ended ``status`` wait for an open circuit, and for how long?
 
     A query that failed while some of its calls were refused by an open circuit failed for want
-    of a provider that is resting, not for anything about the query: with hours left in its
-    window it waits for the cooldown (outside any thread) and runs again, up to
-    ``CIRCUIT_REQUEUES`` times, the wait doubling with jitter so the herd does not return at once.
-    Calls are per call fail-fast on an open circuit (a fallback or the council's degradation
-    answers), so only queries that would otherwise fail wait.
+    of a provider that is resting, not for anything about the query. It waits (in the queue,
+    outside any thread) for the circuit's cooldown ``cooldown_s`` (``Runner.circuit_cooldown_s``)
+    plus 0-50% jitter, and runs again, for as long as its batch's window allows: once the
+    circuit would still be resting ``CIRCUIT_WINDOW_MARGIN_S`` before ``expires_at``, it fails
+    with the circuit as its error. Calls stay fail-fast on an open circuit (a fallback or the
+    council's degradation answers), so only queries that would otherwise fail wait.
     """
-    if status != "failed" or attempts > CIRCUIT_REQUEUES:
-        return 0
-    if not any(c.error_category == "circuit_open" for c in calls):
+    if status != "failed":
+        return CircuitWait()
+    refused = _refused_providers(calls)
+    if not refused:
+        return CircuitWait()
+    rest = max(cooldown_s, CIRCUIT_WAIT_MIN_S)
+    last_start = expires_at - CIRCUIT_WINDOW_MARGIN_S - now  # seconds left to start a last run in
+    if rest > last_start:
+        message = (
+            f"circuit open for {', '.join(refused)}: it rests {math.ceil(rest)} s more and the "
+            f"batch's window closes in {max(0, math.floor(expires_at - now))} s"
+        )
+        if error:
+            message += f" (last run: {error['message']})"
+        return CircuitWait(error={"type": "circuit_open", "message": message})
+    wait = min(rest * (rng or random).uniform(1.0, 1.0 + CIRCUIT_WAIT_JITTER), last_start)
+    return CircuitWait(requeue_in_s=max(1, math.ceil(wait)))
+
+
+def circuit_requeue_delay(attempts: int, status: str, calls: Sequence[CallRecord]) -> int:
+    """The fixed waits of 2, 4, 8, 16 s (+0-50%) the worker uses until it hands ``circuit_wait``
+    the batch's window."""
+    if status != "failed" or attempts > CIRCUIT_REQUEUES or not _refused_providers(calls):
         return 0
     base = min(CIRCUIT_REQUEUE_CAP_S, CIRCUIT_REQUEUE_BASE_S * 2 ** (attempts - 1))
     return int(base * random.uniform(1.0, 1.5)) + 1
+
+
+def _refused_providers(calls: Sequence[CallRecord]) -> list[str]:
+    return sorted({c.model.partition(":")[0] for c in calls if c.error_category == "circuit_open"})
 
 
 def _record(

@@ -6,14 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
-from sqlalchemy import select
-from sqlmodel import col
 
 from api.deps import AdminDep, PrincipalDep, SessionDep, StateDep
 from api.responses import ERROR_RESPONSES, JSONBytes, list_page
-from shared.knowledge import feeds
+from shared.knowledge import feeds, search
 from shared.knowledge.search import search_articles
-from shared.models import Article
 
 router = APIRouter(prefix="/v1/knowledge", tags=["knowledge"])
 
@@ -65,16 +62,16 @@ def list_articles(
     q: Annotated[str | None, Query(max_length=500)] = None,
     domain: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=64)] = None,
 ) -> JSONBytes:
     if q:
-        found = search_articles(session, principal.tenant_id, q, domain=domain, limit=limit)
+        found = search_articles(session, principal.tenant_id, q, domain=domain, limit=limit + 1, after=after)
         rows = [{k: v for k, v in r.items() if k != "content"} | {"object": "article"} for r in found]
-        return list_page(rows)
-    stmt = select(Article).where(col(Article.tenant_id) == principal.tenant_id)
-    if domain:
-        stmt = stmt.where(col(Article.domain) == domain)
-    articles = session.scalars(stmt.order_by(col(Article.published_at).desc(), col(Article.id)).limit(limit))
-    return list_page([feeds.article_object(a) for a in articles])
+        return list_page(rows[:limit], len(rows) > limit)
+    articles, has_more = search.list_articles(
+        session, principal.tenant_id, domain=domain, limit=limit, after=after
+    )
+    return list_page([feeds.article_object(a) for a in articles], has_more)
 
 
 @router.get("/articles/{article_id}", responses=ERROR_RESPONSES)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
@@ -22,6 +22,12 @@ from shared.usage import budget_for, month_start, month_to_date_cost, usage_repo
 from shared.webhooks.events import emit
 
 log = logging.getLogger("conclave.scheduler")
+
+# How far back the daily summary catches up after downtime: a month, and then some.
+MAX_CATCH_UP_DAYS = 35
+# The job's own progress marks are notices of no tenant, of a kind no webhook event has.
+_JOB = ""
+_SUMMARISED = "job.daily_summary"
 
 
 def _send_once(
@@ -39,10 +45,31 @@ def _send_once(
 
 
 def daily_summaries(sessions: sessionmaker[Session], now: int | None = None) -> int:
-    """``cost.daily_summary`` for yesterday (UTC) to every tenant that made calls that day."""
+    """``cost.daily_summary`` to every tenant that made calls, for yesterday (UTC) and for every
+    earlier day the job missed (the scheduler was down at midnight), each day once.
+
+    A day is marked summarised (a ``Notice`` of the job itself) once every tenant's summary for it
+    is sent; the next run starts the day after the latest mark, so a run that died half-way
+    through a day does that day again (tenants already sent to are skipped by their own notice).
+    Without any mark (a new deployment) it starts with yesterday; it never reaches back more than
+    ``MAX_CATCH_UP_DAYS``.
+    """
     now = now or int(time.time())
-    today = datetime.fromtimestamp(now, UTC).date()
-    day = today - timedelta(days=1)
+    yesterday = datetime.fromtimestamp(now, UTC).date() - timedelta(days=1)
+    with sessions() as session:
+        latest = session.scalar(select(func.max(col(Notice.period))).where(col(Notice.kind) == _SUMMARISED))
+    first = date.fromisoformat(latest) + timedelta(days=1) if latest else yesterday
+    first = max(first, yesterday - timedelta(days=MAX_CATCH_UP_DAYS - 1))
+    sent = 0
+    day = first
+    while day <= yesterday:
+        sent += _summarise_day(sessions, day, now)
+        _mark(sessions, _SUMMARISED, day.isoformat(), now)
+        day += timedelta(days=1)
+    return sent
+
+
+def _summarise_day(sessions: sessionmaker[Session], day: date, now: int) -> int:
     start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
     end = start + 86400
     with sessions() as session:
@@ -58,6 +85,14 @@ def daily_summaries(sessions: sessionmaker[Session], now: int | None = None) -> 
         data = {"date": day.isoformat(), **{k: v for k, v in report.items() if k != "object"}}
         sent += _send_once(sessions, tenant_id, "cost.daily_summary", day.isoformat(), data, now)
     return sent
+
+
+def _mark(sessions: sessionmaker[Session], kind: str, period: str, now: int) -> None:
+    try:
+        with sessions.begin() as session:
+            session.add(Notice(tenant_id=_JOB, kind=kind, period=period, created_at=now))
+    except IntegrityError:
+        pass  # another run (a leader in a handover) marked it first
 
 
 def budget_checks(sessions: sessionmaker[Session], settings: Settings, now: int | None = None) -> int:

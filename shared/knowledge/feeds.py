@@ -144,9 +144,6 @@ def import_feed(
             return None
         url, etag, last_modified = feed.url, feed.etag, feed.last_modified
 
-    def guard(target: str) -> None:
-        check_url(target, allow_private=allow_private)
-
     async def fetch() -> Any:
         async with make_fetch_client() as client:
             return await fetch_feed(
@@ -154,7 +151,7 @@ def import_feed(
                 url,
                 etag=etag,
                 last_modified=last_modified,
-                check_url=guard,
+                allow_private=allow_private,
                 timeout_s=timeout_s,
                 max_bytes=max_bytes,
             )

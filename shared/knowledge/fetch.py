@@ -4,9 +4,12 @@ Owns the HTTP side of an import:
 
 - conditional requests: ``If-None-Match`` / ``If-Modified-Since`` from the validators the caller
   stored; a 304 is ``not_modified``;
-- redirects, followed here one hop at a time (at most ``max_redirects``) so that every target is
-  checked for scheme and by the caller's ``check_url`` (the SSRF guard in production) before it
-  is contacted;
+- the SSRF guard (``shared.webhooks.ssrf``) on every hop, as webhook delivery applies it: the
+  host is resolved here, every answer is checked, and the request goes to the checked address
+  itself (``Host`` and TLS SNI keep the name), so a DNS answer that changes between the check and
+  the connect (DNS rebinding) cannot steer a fetch into the internal network;
+- redirects, followed here one hop at a time (at most ``max_redirects``), each target resolved,
+  checked and pinned like the first before it is contacted;
 - limits: at most ``max_bytes`` of *decoded* body, counted while streaming (a huge or endless
   body, or a small gzip that inflates to gigabytes, is cut off as soon as it passes the limit),
   and one deadline, ``timeout_s``, over the whole fetch: every hop, the URL checks, a server that
@@ -17,24 +20,29 @@ It does not parse (``parse.py``), store validators, or decide when to fetch (the
 ``FetchError`` is the only exception. Its message is short and safe to store as the feed's
 ``last_error``: a status, a limit or an error type, never a URL (a redirect target may carry a
 token) or any part of a response body.
-
-Unlike webhook delivery, the connection is not pinned to the address ``check_url`` approved, so a
-DNS answer that changes between the check and the connect is not caught; feeds are registered by
-admins, which is why that window is accepted here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import zlib
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Literal, cast
 
 import httpx
+
+from shared.webhooks.ssrf import (
+    AsyncResolver,
+    UnsafeURL,
+    check_addresses,
+    ip_literal,
+    parse_webhook_url,
+    pin,
+    resolve_async,
+)
 
 USER_AGENT = "Conclave-Knowledge/1.0 (+https://github.com/conclave)"
 ACCEPT = (
@@ -51,11 +59,6 @@ _MAX_ERROR_CHARS = 200
 # A validator is stored on the feed and echoed back on the next fetch: a server that sends a
 # kilobytes-long one gets no conditional requests rather than a bloated row and request.
 _MAX_VALIDATOR_CHARS = 1024
-
-UrlCheck = Callable[[str], object]
-"""Called with the URL and every redirect target before each is contacted; raises ``ValueError``
-(``shared.webhooks.ssrf.UnsafeURL`` is one) to refuse it. It may return an awaitable, which is awaited
-within the fetch's deadline; anything else it returns is ignored."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,9 @@ def make_fetch_client() -> httpx.AsyncClient:
 
     - ``follow_redirects=False``: ``fetch_feed`` follows them itself, checking and counting each hop.
     - ``trust_env=False``: a proxy from the environment would be what is connected to, not the
-      host ``check_url`` approved.
+      address the SSRF guard approved.
+    - No keep-alive: requests are pinned to IPs, and the pool keys connections by (scheme, IP,
+      port), so a kept TLS connection verified for one name could carry another name's request.
     - No cookies: fetches are stateless, and a shared jar would carry one feed's cookies to another
       feed on the same site.
     """
@@ -86,7 +91,7 @@ def make_fetch_client() -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,
         timeout=httpx.Timeout(20.0),
-        limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
+        limits=httpx.Limits(max_connections=50, max_keepalive_connections=0),
         cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )
 
@@ -100,13 +105,19 @@ async def fetch_feed(
     max_bytes: int = 5 * 1024 * 1024,
     timeout_s: float = 20.0,
     max_redirects: int = 5,
-    check_url: UrlCheck | None = None,
+    allow_private: bool = False,
+    resolver: AsyncResolver = resolve_async,
 ) -> FetchResult:
     """GET ``url`` (conditionally when ``etag`` / ``last_modified`` are given) within the limits.
 
-    Raises ``FetchError`` for: a scheme other than http/https, a URL ``check_url`` refuses, more than
-    ``max_redirects`` redirects, a status other than 2xx/304 (``"HTTP 404"``), a body larger than
-    ``max_bytes``, no complete answer within ``timeout_s``, and connection or protocol errors.
+    Every hop goes to an address ``resolver`` gave for its host and the SSRF guard accepted (any
+    address when ``allow_private``: tests and local use only); addresses are tried in order while
+    connecting fails.
+
+    Raises ``FetchError`` for: a scheme other than http/https, a host that does not resolve or
+    resolves to a non-public address, more than ``max_redirects`` redirects, a status other than
+    2xx/304 (``"HTTP 404"``), a body larger than ``max_bytes``, no complete answer within
+    ``timeout_s``, and connection or protocol errors.
     """
     etag, last_modified = _validator(etag), _validator(last_modified)
     headers = {"Accept-Encoding": ACCEPT_ENCODING}
@@ -116,7 +127,9 @@ async def fetch_feed(
         headers["If-Modified-Since"] = last_modified
     try:
         async with asyncio.timeout(timeout_s):
-            result = await _follow(client, url, headers, max_bytes, timeout_s, max_redirects, check_url)
+            result = await _follow(
+                client, url, headers, max_bytes, timeout_s, max_redirects, allow_private, resolver
+            )
     except (TimeoutError, httpx.TimeoutException):
         raise FetchError(f"timed out after {timeout_s:g}s") from None
     except httpx.InvalidURL:
@@ -138,20 +151,20 @@ async def _follow(
     max_bytes: int,
     timeout_s: float,
     max_redirects: int,
-    check_url: UrlCheck | None,
+    allow_private: bool,
+    resolver: AsyncResolver,
 ) -> FetchResult:
     target = url
     for _ in range(max_redirects + 1):
-        await _check_target(target, check_url)
-        async with client.stream(
-            "GET", target, headers=headers, follow_redirects=False, timeout=timeout_s
-        ) as response:
+        addresses = await _checked_addresses(target, allow_private, resolver)
+        async with _get_pinned(client, target, addresses, headers, timeout_s) as response:
             status = response.status_code
             if status in _REDIRECT_STATUSES:
                 location = response.headers.get("location")
                 if not location:
                     raise FetchError(f"HTTP {status} without a Location header")
-                target = str(response.url.join(location.strip()))
+                # Against the URL asked for, not the pinned one: a relative Location keeps the name.
+                target = str(httpx.URL(target).join(location.strip()))
                 continue
             if status == 304:
                 return FetchResult(
@@ -159,7 +172,7 @@ async def _follow(
                     b"",
                     etag=_validator(response.headers.get("etag")),
                     last_modified=_validator(response.headers.get("last-modified")),
-                    final_url=str(response.url),
+                    final_url=target,
                     content_type=response.headers.get("content-type"),
                 )
             if not 200 <= status < 300:
@@ -170,26 +183,54 @@ async def _follow(
                 body,
                 etag=_validator(response.headers.get("etag")),
                 last_modified=_validator(response.headers.get("last-modified")),
-                final_url=str(response.url),
+                final_url=target,
                 content_type=response.headers.get("content-type"),
             )
     raise FetchError(f"too many redirects (more than {max_redirects})")
 
 
-async def _check_target(url: str, check_url: UrlCheck | None) -> None:
+async def _checked_addresses(url: str, allow_private: bool, resolver: AsyncResolver) -> list[str]:
+    """The addresses ``url`` may be fetched from, resolved now; ``FetchError`` if there are none."""
     parsed = httpx.URL(url)
     if parsed.scheme not in _SCHEMES:
         raise FetchError(f"unsupported URL scheme {parsed.scheme[:20]!r}; only http and https")
     if not parsed.host:
         raise FetchError("URL has no host")
-    if check_url is None:
-        return
     try:
-        verdict = check_url(url)
-        if inspect.isawaitable(verdict):
-            await verdict
-    except ValueError as exc:
+        _, host, port = parse_webhook_url(url)
+        addresses = [host] if ip_literal(host) is not None else list(await resolver(host, port))
+        check_addresses(host, addresses, allow_private=allow_private)
+    except UnsafeURL as exc:
         raise FetchError(f"refused: {exc}"[:_MAX_ERROR_CHARS]) from None
+    return addresses
+
+
+@contextlib.asynccontextmanager
+async def _get_pinned(
+    client: httpx.AsyncClient, url: str, addresses: list[str], headers: dict[str, str], timeout_s: float
+) -> AsyncGenerator[httpx.Response, None]:
+    """Stream a GET of ``url`` from the first of ``addresses`` that accepts a connection."""
+    failure: httpx.ConnectError | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        for address in addresses:
+            target = pin(url, address)
+            request = client.stream(
+                "GET",
+                target.url,
+                headers={**headers, "host": target.host_header},
+                extensions=target.extensions,
+                follow_redirects=False,
+                timeout=timeout_s,
+            )
+            try:
+                response = await stack.enter_async_context(request)
+            except httpx.ConnectError as exc:
+                failure = exc  # nothing was sent: the next address may take it
+                continue
+            yield response
+            return
+    assert failure is not None  # there is always at least one checked address
+    raise failure
 
 
 async def _read_body(response: httpx.Response, max_bytes: int) -> bytes:

@@ -19,6 +19,7 @@ import orjson
 
 from shared.providers import errors
 from shared.providers.config import ProviderConfig
+from shared.retry_after import parse_retry_after
 
 Message = dict[str, str]
 
@@ -132,20 +133,14 @@ def token_count(value: Any) -> int:
 
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:
-    """The wait hint common to every provider: ``retry-after-ms`` or ``retry-after`` (seconds)."""
+    """The wait hint common to every provider: ``retry-after-ms``, else ``retry-after`` (seconds, a date)."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
             return max(0.0, float(ms) / 1000)
         except ValueError:
             pass
-    value = headers.get("retry-after")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return None  # an HTTP date: rare from LLM providers; fall back to our own backoff
-    return None
+    return parse_retry_after(headers.get("retry-after"))
 
 
 def status_error(status: int, message: str, retry_after: float | None) -> errors.ProviderError:

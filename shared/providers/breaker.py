@@ -24,7 +24,8 @@ process re-reads the shared state at most every ``refresh_s``, so a circuit open
 is seen everywhere within that time, without a Redis round trip per call.
 
 Only failures that say the provider is unhealthy count (server, overloaded, timeout, network,
-bad_response, auth); a rejected request or a rate limit says nothing about its health.
+bad_response, auth); a rejected request or a rate limit says nothing about its health, and a
+half-open probe answered with one closes the circuit (the provider answered: it is alive).
 """
 
 from __future__ import annotations
@@ -166,9 +167,11 @@ class CircuitBreaker:
 
     async def record(self, ok: bool, category: str | None, probe: bool = False) -> None:
         if probe:
-            await self._send(failures=0 if ok else 1, started=1, probe=True)
-            with contextlib.suppress(RedisError):
-                await self.client.delete(keys.breaker_probe(self.key))
+            # A probe answered with a rate limit or a refusal reached a live provider: it closes
+            # the circuit like a success. Only a health failure says the provider is still down.
+            healthy = ok or category not in HEALTH_FAILURES
+            await self._send(failures=0 if healthy else 1, started=1, probe=True)
+            await self.release_probe()
             return
         if ok or category not in HEALTH_FAILURES:
             if time.monotonic() - self._last_flush >= self.config.flush_s:
@@ -176,6 +179,12 @@ class CircuitBreaker:
             return
         started, self._pending_started = self._pending_started, 0
         await self._send(failures=1, started=started, probe=False)
+
+    async def release_probe(self) -> None:
+        """Give the probe slot back without an outcome: the probe never reached the provider (its
+        rate-limiter wait timed out), so the next caller anywhere may probe now, not in 60 s."""
+        with contextlib.suppress(RedisError):
+            await self.client.delete(keys.breaker_probe(self.key))
 
     async def flush(self) -> None:
         started, self._pending_started = self._pending_started, 0

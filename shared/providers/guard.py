@@ -56,8 +56,13 @@ class ProviderGuard:
             estimate = estimate_tokens(request.messages, request.max_tokens)
             try:
                 await self.limiter.acquire(estimate)
-            except RateLimitTimeout as exc:
-                raise errors.RateLimited(f"local rate limit: {exc}") from exc
+            except BaseException as exc:
+                # No call was made, so the probe learnt nothing: free its slot for the next caller.
+                if self.breaker is not None and probe:
+                    await self.breaker.release_probe()
+                if isinstance(exc, RateLimitTimeout):
+                    raise errors.RateLimited(f"local rate limit: {exc}") from exc
+                raise
         try:
             async with self._slots:
                 result = await self.provider.complete(client, request)

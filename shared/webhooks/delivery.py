@@ -20,30 +20,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
-import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Literal, cast
 
 import httpx
 
+from shared.retry_after import parse_retry_after
 from shared.webhooks.ssrf import (
-    DEFAULT_PORTS,
     AsyncResolver,
     UnsafeURL,
     check_addresses,
     ip_literal,
     is_public_address,
     parse_webhook_url,
+    pin,
     resolve_async,
 )
 
 MAX_RESPONSE_BYTES = 64 * 1024
 _MAX_ERROR_CHARS = 200
-_DELAY_SECONDS = re.compile(r"\d{1,10}(\.\d{1,6})?", re.ASCII)
 
 Outcome = Literal["delivered", "retry", "gone", "refused"]
 
@@ -91,13 +88,12 @@ async def attempt_delivery(
     Addresses are tried in resolver order only while connecting fails, so a body is sent at most once.
     """
     try:
-        scheme, host, port = parse_webhook_url(url)
+        _, host, port = parse_webhook_url(url)
     except UnsafeURL as exc:
         return AttemptResult("refused", error=f"UnsafeURL: {exc}")
     try:
         async with asyncio.timeout(timeout_s):
-            literal = ip_literal(host) is not None
-            addresses = [host] if literal else list(await resolver(host, port))
+            addresses = [host] if ip_literal(host) is not None else list(await resolver(host, port))
             if not addresses:
                 # Unlike at registration, a failed lookup may be a passing DNS outage.
                 return AttemptResult("retry", error=f"DNSError: host {host!r} does not resolve")
@@ -105,15 +101,15 @@ async def attempt_delivery(
                 check_addresses(host, addresses, allow_private=allow_private)
             except UnsafeURL as exc:
                 return AttemptResult("refused", error=f"UnsafeURL: {exc}", address=_first_refused(addresses))
-            request_headers = httpx.Headers(headers)
-            request_headers["host"] = _host_header(scheme, host, port)
-            # SNI and certificate checks must use the name, not the IP the URL now carries.
-            extensions = {} if literal or scheme != "https" else {"sni_hostname": host}
             result = AttemptResult("retry", error="ConnectError: no address to connect to")
             for address in addresses:
-                target = httpx.URL(url).copy_with(host=address)
+                target = pin(url, address)
+                request_headers = httpx.Headers(headers)
+                request_headers["host"] = target.host_header
                 try:
-                    return await _post(client, target, request_headers, body, extensions, timeout_s, address)
+                    return await _post(
+                        client, target.url, request_headers, body, target.extensions, timeout_s, address
+                    )
                 except httpx.ConnectError as exc:
                     result = AttemptResult("retry", error=_describe(exc), address=address)
             return result
@@ -121,25 +117,6 @@ async def attempt_delivery(
         return AttemptResult("retry", error=f"TimeoutError: no response within {timeout_s:g}s")
     except httpx.HTTPError as exc:
         return AttemptResult("retry", error=_describe(exc))
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP date); never negative.
-
-    None when absent or unparsable; a date in the past means 0.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if _DELAY_SECONDS.fullmatch(value):
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 async def _post(
@@ -198,11 +175,6 @@ def _verdict(response: httpx.Response, address: str) -> AttemptResult:
             "retry", status_code=status, error=f"HTTP {status}: redirects are not followed", address=address
         )
     return AttemptResult("retry", status_code=status, error=f"HTTP {status}", address=address)
-
-
-def _host_header(scheme: str, host: str, port: int) -> str:
-    name = f"[{host}]" if ":" in host else host
-    return name if port == DEFAULT_PORTS[scheme] else f"{name}:{port}"
 
 
 def _first_refused(addresses: list[str]) -> str | None:

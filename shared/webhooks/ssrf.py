@@ -1,9 +1,11 @@
 """The SSRF guard (SPEC §3.2): which webhook URLs are acceptable and which addresses may be contacted.
 
 Owns URL validation (``parse_webhook_url``), DNS resolution (``resolve``, ``resolve_async``), the
-public-address rule (``is_public_address``) and the registration-time check (``check_url``).
-It does not send anything: ``delivery.py`` re-runs the address check at send time and connects to
-the address it checked, because a DNS answer may change between registration and delivery.
+public-address rule (``is_public_address``), the registration-time check (``check_url``) and
+pinning (``pin``): a request aimed at the checked IP itself, the name kept for ``Host`` and TLS.
+It does not send anything: webhook delivery (``delivery.py``) and feed fetches
+(``shared/knowledge/fetch.py``) re-run the address check at send time and connect to the address
+they checked, because a DNS answer may change between the check and the connect (DNS rebinding).
 
 ``UnsafeURL`` messages name the host and the reason, never the whole URL: its path or query may
 carry a token (many webhook URLs are capability URLs) and userinfo would carry a password.
@@ -15,6 +17,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
@@ -179,6 +182,30 @@ def check_url(url: str, *, allow_private: bool, resolver: Resolver = resolve) ->
     addresses = [host] if ip_literal(host) is not None else list(resolver(host, port))
     check_addresses(host, addresses, allow_private=allow_private)
     return addresses
+
+
+@dataclass(frozen=True)
+class PinnedTarget:
+    """Where to send a request for ``url`` so that it reaches the checked address and no other."""
+
+    url: httpx.URL  # the URL with the checked IP as its host: no DNS lookup at connect time
+    host_header: str  # the URL's own authority, for the ``Host`` header
+    extensions: dict[str, str]  # TLS SNI and the certificate check on the name, not the IP
+
+
+def pin(url: str, address: str) -> PinnedTarget:
+    """The request for ``url`` (as ``parse_webhook_url`` accepts it) aimed at ``address``.
+
+    Use with a client that keeps no connections alive: its pool keys connections by (scheme, IP,
+    port), so a kept TLS connection verified for one name could carry another name's request.
+    """
+    scheme, host, port = parse_webhook_url(url)
+    name = f"[{host}]" if ":" in host else host
+    return PinnedTarget(
+        url=httpx.URL(url).copy_with(host=address),
+        host_header=name if port == DEFAULT_PORTS[scheme] else f"{name}:{port}",
+        extensions={} if ip_literal(host) is not None or scheme != "https" else {"sni_hostname": host},
+    )
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

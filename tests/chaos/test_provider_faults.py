@@ -20,6 +20,7 @@ from shared.sim import SimServer
 from tests.chaos.conftest import QUERIES, TEST_TIMEOUT, Launch, set_sim, sim_requests
 from tests.chaos.invariants import check_batch
 from tests.helpers import poll, sim_log, tagged_queries
+from tests.leaks import remember_secret
 from workers.runner import CIRCUIT_REQUEUES
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(TEST_TIMEOUT)]
@@ -55,7 +56,7 @@ def test_provider_faults_leave_every_query_terminal_once(launch: Launch, sim: Si
         processes=1,
         threads=64,
         providers_toml=providers_toml(sim.url),
-        env={"SIM_API_KEY": "sk-sim-chaos"},
+        env={"SIM_API_KEY": remember_secret("sk-sim-chaos")},
     )
     set_sim(sim, latency_ms=20, latency_jitter_ms=10, seed=7, **FAULT_MIX)
     started = time.monotonic()

@@ -29,6 +29,7 @@ from shared.sim import SimServer
 from shared.stack import Stack
 from tests.conftest import new_key
 from tests.helpers import TERMINAL, counts_add_up, poll, tagged_queries
+from tests.leaks import remember_secret
 
 pytestmark = pytest.mark.integration
 
@@ -287,6 +288,7 @@ def test_keys_create_prints_a_working_key(
     created = keys_create("--tenant", tenant, "--role", "user", "--tier", "pro", "--json")
     assert created.returncode == 0, created.stdout + created.stderr
     issued = json.loads(created.stdout)
+    remember_secret(issued["api_key"], issued["webhook_secret"])
     assert set(issued) == {"api_key", "tenant_id", "webhook_secret"}
     assert issued["api_key"].startswith("cnk_") and issued["webhook_secret"].startswith("whsec_")
     assert issued["tenant_id"].startswith("tenant_")

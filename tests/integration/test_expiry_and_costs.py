@@ -371,6 +371,56 @@ def test_daily_summary_once_per_tenant_with_yesterdays_totals(
     assert receiver.on("/a-budget") == [] and receiver.on("/quiet") == []
 
 
+def test_daily_summaries_catch_up_on_days_missed_while_the_scheduler_was_down(
+    own_sessions: sessionmaker[Session], receiver: Receiver
+) -> None:
+    a, b = issue(own_sessions), issue(own_sessions)
+    for issued in (a, b):
+        subscribe(
+            own_sessions, issued.tenant_id, f"{receiver.url}/{issued.tenant_id}", ["cost.daily_summary"]
+        )
+    add_calls(own_sessions, a.tenant_id, [(ts("2025-06-10T08:00:00"), 0.5)])
+    assert daily_summaries(own_sessions, now=ts("2025-06-11T00:05:00")) == 1
+    # Down from the 11th to the 15th: calls kept coming (the workers ran), no summary went out.
+    add_calls(
+        own_sessions,
+        a.tenant_id,
+        [
+            (ts("2025-06-11T09:00:00"), 0.25),
+            (ts("2025-06-13T23:59:59"), 0.125),
+            (ts("2025-06-14T01:00:00"), 1.0),
+        ],
+    )
+    add_calls(own_sessions, b.tenant_id, [(ts("2025-06-12T12:00:00"), 2.0), (ts("2025-06-15T10:00:00"), 4.0)])
+
+    assert daily_summaries(own_sessions, now=ts("2025-06-15T11:00:00")) == 4
+    assert notices(own_sessions, "cost.daily_summary") == sorted(
+        [
+            (a.tenant_id, "2025-06-10"),
+            (a.tenant_id, "2025-06-11"),
+            (a.tenant_id, "2025-06-13"),
+            (a.tenant_id, "2025-06-14"),
+            (b.tenant_id, "2025-06-12"),
+        ]
+    )
+    sent = {
+        (d.tenant_id, body(d)["data"]["date"]): body(d)["data"]
+        for d in deliveries(own_sessions, "cost.daily_summary")
+    }
+    assert {day: s["cost_usd"] for (t, day), s in sent.items() if t == a.tenant_id} == {
+        "2025-06-10": 0.5,
+        "2025-06-11": 0.25,
+        "2025-06-13": 0.125,
+        "2025-06-14": 1.0,
+    }
+    assert sent[(b.tenant_id, "2025-06-12")]["cost_usd"] == 2.0
+    # Each day once: later runs, today's or tomorrow's, send only what is new.
+    assert daily_summaries(own_sessions, now=ts("2025-06-15T12:00:00")) == 0
+    assert daily_summaries(own_sessions, now=ts("2025-06-16T00:05:00")) == 1
+    assert len(notices(own_sessions, "cost.daily_summary")) == 6
+    assert (b.tenant_id, "2025-06-15") in notices(own_sessions, "cost.daily_summary")
+
+
 # ---------------------------------------------------------------- budget checks
 
 

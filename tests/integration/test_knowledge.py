@@ -396,3 +396,74 @@ def test_real_world_feeds_import_exactly_over_http(api: TestClient, sessions: An
     links = {a["link"] for a in shop}
     assert "https://shop.example.com/news/absolute" in links
     assert f"{feeds.url}/shop/news/relative?id=7" in links
+
+
+def dated_rss(items: list[tuple[str, str, str | None]]) -> bytes:
+    """RSS of ``(guid, title, pubDate or None)`` items, each about the same topic."""
+    entries = "".join(
+        f"<item><title>{t}</title><link>https://news.example.org/{g}</link><guid>{g}</guid>"
+        + (f"<pubDate>{d}</pubDate>" if d else "")
+        + f"<description>Comet {t} seen over the observatory; comet tails and orbits.</description></item>"
+        for g, t, d in items
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><rss version="2.0"><channel><title>Sky</title>'
+        f"<link>https://news.example.org/</link><description>d</description>{entries}</channel></rss>"
+    ).encode()
+
+
+def pages(api: TestClient, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every page of a list, following ``after`` = ``last_id`` while ``has_more``."""
+    seen: list[dict[str, Any]] = []
+    after: str | None = None
+    for _ in range(50):
+        page = api.get("/v1/knowledge/articles", params={**params, **({"after": after} if after else {})})
+        assert page.status_code == 200, page.text
+        body = page.json()
+        assert body["object"] == "list"
+        data = body["data"]
+        assert body["first_id"] == (data[0]["id"] if data else None)
+        assert body["last_id"] == (data[-1]["id"] if data else None)
+        seen.extend(data)
+        if not body["has_more"]:
+            return seen
+        assert len(data) == params["limit"], "a page with more after it is full"
+        after = body["last_id"]
+    raise AssertionError("paging never ended")
+
+
+def test_articles_page_with_a_cursor_listed_and_searched(
+    api: TestClient, sessions: Any, feeds: FeedServer
+) -> None:
+    dates = [
+        "Mon, 03 Nov 2025 10:00:00 GMT",
+        "Tue, 04 Nov 2025 10:00:00 GMT",
+        "Tue, 04 Nov 2025 10:00:00 GMT",  # the same date twice: the id breaks the tie
+        None,  # no date: listed after every dated article
+        "Sun, 02 Nov 2025 10:00:00 GMT",
+        "Wed, 05 Nov 2025 10:00:00 GMT",
+        None,
+    ]
+    domain = f"sky-{time.time_ns()}"
+    feeds.feeds["/sky.xml"] = dated_rss([(f"s{i}", f"Sighting {i}", d) for i, d in enumerate(dates)])
+    add(api, f"{feeds.url}/sky.xml", domain=domain)
+    run_feed_job(sessions)
+
+    everything = api.get("/v1/knowledge/articles", params={"domain": domain, "limit": 100}).json()
+    assert len(everything["data"]) == 7 and everything["has_more"] is False
+    published = [a["published_at"] for a in everything["data"]]
+    dated = [p for p in published if p is not None]
+    assert dated == sorted(dated, reverse=True) and published[-2:] == [None, None]
+
+    paged = pages(api, {"domain": domain, "limit": 3})
+    assert [a["id"] for a in paged] == [a["id"] for a in everything["data"]]
+
+    ranked = api.get("/v1/knowledge/articles", params={"q": "comet", "domain": domain, "limit": 100}).json()
+    assert len(ranked["data"]) == 7 and ranked["has_more"] is False
+    paged_search = pages(api, {"q": "comet", "domain": domain, "limit": 2})
+    assert [a["id"] for a in paged_search] == [a["id"] for a in ranked["data"]]
+
+    # A cursor that names no article of this list ends it rather than starting it over.
+    for params in ({"domain": domain}, {"q": "comet", "domain": domain}):
+        stranger = api.get("/v1/knowledge/articles", params={**params, "limit": 3, "after": "art_nope"})
+        assert stranger.status_code == 200 and stranger.json()["data"] == []

@@ -27,6 +27,7 @@ from shared.sim import SimConfig, SimServer
 from shared.stack import Stack, free_port
 from tests.conftest import new_key, settings_env
 from tests.helpers import jsonl, poll, sim_log, tagged_queries, wait_for_batch
+from tests.leaks import remember_secret
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +50,7 @@ def make_stack(settings: Settings, sessions: Any, tmp_path: Path) -> Iterator[St
             **settings_env(settings),
             "CONCLAVE_PROVIDERS_FILE": str(providers),
             "CONCLAVE_QUEUE_NAMESPACE": namespace,
-            "SIM_API_KEY": "sk-sim-test",
+            "SIM_API_KEY": remember_secret("sk-sim-test"),
         }
         stack = Stack(env=env, logs=tmp_path / f"logs-{namespace}")
         stack.logs.mkdir()

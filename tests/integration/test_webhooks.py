@@ -20,6 +20,7 @@ from shared.settings import Settings
 from shared.sim import SimServer
 from tests.conftest import new_key
 from tests.helpers import poll, tagged_queries, wait_for_batch
+from tests.leaks import remember_secret
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +118,7 @@ def test_rotation_signs_with_old_and_new_secret(
 ) -> None:
     old = client.get("/v1/webhook-secret").json()["secret"]
     rotated = client.post("/v1/webhook-secret/rotate").json()
-    new = rotated["secret"]
+    new = remember_secret(rotated["secret"])
     assert new != old and new.startswith("whsec_")
     batch_id = client.post(
         "/v1/batches", json={"queries": tagged_queries(1, prefix="rot"), "webhook_url": f"{receiver.url}/rot"}

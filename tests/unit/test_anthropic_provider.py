@@ -17,8 +17,9 @@ from shared.providers import errors
 from shared.providers.anthropic import DEFAULT_MAX_TOKENS, AnthropicProvider, ratelimit_reset_wait
 from shared.providers.base import ChatRequest, ChatResult
 from shared.providers.config import ProviderConfig
+from tests.leaks import remember_secret
 
-KEY = "sk-ant-api03-test-9f8e7d6c5b4a3f2e1d0c"
+KEY = remember_secret("sk-ant-api03-test-9f8e7d6c5b4a3f2e1d0c")
 CONFIG = ProviderConfig(
     name="anthropic",
     api="anthropic",

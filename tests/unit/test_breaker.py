@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import fakeredis
+import httpx
+import pytest
 
+from shared.providers import errors
+from shared.providers.base import ChatRequest, ChatResult, Provider
 from shared.providers.breaker import BreakerConfig, CircuitBreaker
+from shared.providers.config import ProviderConfig
+from shared.providers.guard import ProviderGuard
 
 FAST = BreakerConfig(
     min_failures=3, failure_ratio=0.5, window_s=10, cooldown_s=0.2, refresh_s=0.0, flush_s=0.0
@@ -158,5 +165,62 @@ def test_without_redis_calls_still_flow() -> None:
             await breaker.record(False, "server")
         assert (await breaker.acquire())[0] is True
         await down.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_probe_answered_with_a_rate_limit_or_a_refusal_closes_the_circuit() -> None:
+    # The provider answered: it is alive. A 429 says "slower", not "down"; reopening (and doubling
+    # the cooldown) would keep a recovered provider's queries waiting for nothing.
+    async def scenario() -> None:
+        for category in ("rate_limited", "invalid_request", "content_filter"):
+            a, b = pair()
+            for _ in range(3):
+                await a.record(False, "network")
+            await until_half_open(a)
+            assert (await a.acquire())[:2] == (True, True)
+            await a.record(False, category, probe=True)
+            assert (await b.state())[0] == "closed", category
+            assert (await b.acquire())[:2] == (True, False), category
+
+    asyncio.run(scenario())
+
+
+class _NeverCalled(Provider):
+    def build(self, request: ChatRequest) -> tuple[str, dict[str, str], dict[str, Any]]:
+        raise AssertionError("a call refused by the rate limiter must not reach the provider")
+
+    def parse(self, body: Any) -> ChatResult:
+        raise AssertionError("unreachable")
+
+    def map_error(self, response: httpx.Response, body: Any) -> errors.ProviderError:
+        raise AssertionError("unreachable")
+
+
+def test_a_probe_whose_rate_limiter_wait_timed_out_frees_the_probe_slot() -> None:
+    async def scenario() -> None:
+        server = fakeredis.FakeServer()
+        config = ProviderConfig(name="p", api="openai", base_url="http://p.test", rpm=1)
+        guard = ProviderGuard(
+            _NeverCalled(config, None),
+            redis_client=fakeredis.FakeAsyncRedis(server=server),
+            namespace="ns",
+            breaker=FAST,
+        )
+        other = CircuitBreaker(fakeredis.FakeAsyncRedis(server=server), "ns:breaker:p", FAST)
+        assert guard.breaker is not None and guard.limiter is not None
+        guard.limiter.max_wait_s = 0.5
+        await guard.limiter.acquire(1)  # rpm 1: the next call would wait a minute
+        for _ in range(3):
+            await other.record(False, "network")
+        await until_half_open(other)
+        request = ChatRequest(model="m", messages=({"role": "user", "content": "hi"},))
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(errors.RateLimited):
+                await guard.call(client, request)
+        # No call was made, so nothing was learnt: the circuit stays half-open and the next
+        # caller (in any process) may probe at once, not after the probe slot's 60 s timeout.
+        assert (await other.state())[0] == "half_open"
+        assert await other.acquire() == (True, True, 0.0)
 
     asyncio.run(scenario())

@@ -12,6 +12,7 @@ import pytest
 from shared.providers.errors import ProviderError, RateLimited, ServerError, Timeout
 from workers.council import (
     CallRequest,
+    Completion,
     CouncilResult,
     CouncilSpec,
     KnowledgeSnippet,
@@ -20,33 +21,38 @@ from workers.council import (
     run_council,
 )
 
-Reply = str | ProviderError | Callable[[CallRequest], str]
+# A Completion names who wrote it (a fallback answering in the model's place); a str is the model's own.
+Reply = str | Completion | ProviderError | Callable[[CallRequest], str | Completion]
 MEMBERS = ("m1", "m2", "m3")
 _BLOCK = re.compile(r"^=== (Response [A-Z]+) ===\nanswer from (\S+)$", re.MULTILINE)
 
 
 class FakeComplete:
-    """Answers by (model, stage); a review ranks the answers by ``preference`` unless scripted."""
+    """Answers by (model, stage); a review ranks the answers by ``preference`` unless scripted.
+
+    A fallback is scripted as a ``Completion`` naming it: ``{("m1", "answer"): answered_by("m2")}``.
+    """
 
     def __init__(self, script: dict[tuple[str, str], Reply] | None = None, preference: Sequence[str] = ()):
         self.script = script or {}
         self.preference = list(preference)
         self.requests: list[CallRequest] = []
 
-    async def __call__(self, request: CallRequest) -> str:
+    async def __call__(self, request: CallRequest) -> Completion:
         self.requests.append(request)
         reply = self.script.get((request.model, request.stage))
         if isinstance(reply, ProviderError):
             raise reply
         if callable(reply):
-            return reply(request)
-        if reply is not None:
-            return reply
-        if request.stage == "answer":
-            return f"answer from {request.model}"
-        if request.stage == "review":
-            return rank_by(self.preference)(request)
-        return f"synthesis by {request.model}"
+            reply = reply(request)
+        if reply is None:
+            if request.stage == "answer":
+                reply = f"answer from {request.model}"
+            elif request.stage == "review":
+                reply = rank_by(self.preference)(request)
+            else:
+                reply = f"synthesis by {request.model}"
+        return reply if isinstance(reply, Completion) else Completion(reply, request.model)
 
     def calls(self, stage: str) -> list[CallRequest]:
         return [r for r in self.requests if r.stage == stage]
@@ -68,15 +74,31 @@ def rank_by(preference: Sequence[str]) -> Callable[[CallRequest], str]:
     return review
 
 
+def answered_by(model: str) -> Completion:
+    return Completion(f"answer from {model}", model)
+
+
 def run(spec: CouncilSpec, complete: FakeComplete, query: QueryInput | None = None) -> CouncilResult:
     query = query or QueryInput("q-1", ({"role": "user", "content": "Why is the sky blue?"},), 300, 0.7)
     return asyncio.run(run_council(spec, query, complete))
 
 
 def council(
-    members: Sequence[str] = MEMBERS, chairman_fallbacks: tuple[str, ...] = (), min_answers: int | None = None
+    members: Sequence[str] = MEMBERS,
+    chairman_fallbacks: tuple[str, ...] = (),
+    min_answers: int | None = None,
+    review_max_tokens: int | None = 2048,
+    synthesis_max_tokens: int | None = 4096,
 ) -> CouncilSpec:
-    return CouncilSpec("council", tuple(members), "chair", chairman_fallbacks, min_answers)
+    return CouncilSpec(
+        "council",
+        tuple(members),
+        "chair",
+        chairman_fallbacks,
+        min_answers,
+        review_max_tokens,
+        synthesis_max_tokens,
+    )
 
 
 def test_full_council() -> None:
@@ -101,9 +123,10 @@ def test_full_council() -> None:
 def test_call_parameters_per_stage() -> None:
     fake = FakeComplete()
     run(council(), fake)
+    # The query's max_tokens is for its answers; reviews and the synthesis have budgets of their own.
     assert {(r.max_tokens, r.temperature) for r in fake.calls("answer")} == {(300, 0.7)}
-    assert {(r.max_tokens, r.temperature) for r in fake.calls("review")} == {(300, None)}
-    assert {(r.max_tokens, r.temperature) for r in fake.calls("synthesis")} == {(300, None)}
+    assert {(r.max_tokens, r.temperature) for r in fake.calls("review")} == {(2048, None)}
+    assert {(r.max_tokens, r.temperature) for r in fake.calls("synthesis")} == {(4096, None)}
 
 
 def test_reviewers_never_see_their_own_answer() -> None:
@@ -324,7 +347,15 @@ def test_to_dict_is_json_ready(script: dict[tuple[str, str], Reply]) -> None:
     data = orjson.loads(orjson.dumps(result.to_dict()))
     assert data["status"] == "succeeded"
     assert data["aggregate_ranking"][0].keys() == {"model", "mean_rank", "votes"}
-    assert set(data["members"][0]) == {"model", "status", "answer", "error", "latency_ms"}
+    assert set(data["members"][0]) == {
+        "model",
+        "requested_model",
+        "status",
+        "answer",
+        "error",
+        "latency_ms",
+        "duplicate_of",
+    }
 
 
 def test_failed_result_to_dict() -> None:
@@ -337,3 +368,104 @@ def test_failed_result_to_dict() -> None:
 def test_spec_refuses_empty_or_repeated_members(members: tuple[str, ...]) -> None:
     with pytest.raises(ValueError):
         CouncilSpec("council", members, chairman="chair")
+
+
+# -- a fallback answering for a member (SPEC §18) ------------------------------------------------
+
+
+def test_a_member_answered_by_a_fellow_member_counts_once_and_never_judges_itself() -> None:
+    fake = FakeComplete({("m1", "answer"): answered_by("m2")}, preference=["m3", "m2"])
+    result = run(council(), fake)
+
+    assert [(m.model, m.requested_model, m.status, m.duplicate_of) for m in result.members] == [
+        ("m2", "m1", "succeeded", "m2"),
+        ("m2", "m2", "succeeded", None),
+        ("m3", "m3", "succeeded", None),
+    ]
+    # m2 wrote two answers: it reviews neither, and nobody is shown m2's words twice.
+    assert [(r.model, sorted(seen_labels(r).values())) for r in fake.calls("review")] == [
+        ("m2", ["m3"]),
+        ("m3", ["m2"]),
+    ]
+    assert [(r.reviewer, r.requested_reviewer, r.status) for r in result.reviews] == [
+        ("m2", "m2", "valid"),
+        ("m3", "m3", "valid"),
+    ]
+    # One vote each, ranked first of one; a tie keeps member order.
+    assert result.aggregate_ranking == [RankEntry("m2", 1.0, 1), RankEntry("m3", 1.0, 1)]
+    synthesis = fake.calls("synthesis")[0].messages[-1]["content"]
+    assert synthesis.count("answer from m2") == 1
+    assert "Response C" not in synthesis
+
+
+def test_the_answer_from_a_models_own_seat_is_the_one_kept() -> None:
+    fake = FakeComplete({("m1", "answer"): Completion("m3 for m1", "m3")})
+    result = run(council(), fake)
+
+    assert [(m.model, m.requested_model, m.duplicate_of) for m in result.members] == [
+        ("m3", "m1", "m3"),
+        ("m2", "m2", None),
+        ("m3", "m3", None),
+    ]
+    assert all("m3 for m1" not in r.messages[-1]["content"] for r in fake.calls("review"))
+    assert "m3 for m1" not in fake.calls("synthesis")[0].messages[-1]["content"]
+    assert sorted((e.model, e.votes) for e in result.aggregate_ranking) == [("m2", 1), ("m3", 1)]
+
+
+def test_a_fallback_answer_stands_when_the_models_own_seat_failed() -> None:
+    fake = FakeComplete({("m1", "answer"): answered_by("m2"), ("m2", "answer"): Timeout("t")})
+    result = run(council(), fake)
+
+    assert [(m.model, m.requested_model, m.status, m.duplicate_of) for m in result.members] == [
+        ("m2", "m1", "succeeded", None),
+        ("m2", "m2", "failed", None),
+        ("m3", "m3", "succeeded", None),
+    ]
+    assert result.status == "succeeded"
+    assert sorted(r.reviewer for r in result.reviews) == ["m2", "m3"]
+    assert sorted(e.model for e in result.aggregate_ranking) == ["m2", "m3"]
+
+
+def test_answers_by_one_model_are_too_few_for_a_council() -> None:
+    fake = FakeComplete({("m1", "answer"): answered_by("m2"), ("m3", "answer"): answered_by("m2")})
+    result = run(council(), fake)
+
+    assert result.status == "failed"
+    assert result.error is not None
+    assert result.error["message"] == "3 of 3 members answered by 1 distinct model, 2 needed"
+    assert fake.calls("review") == [] and fake.calls("synthesis") == []
+
+
+def test_a_review_call_names_the_authors_it_shows_so_none_of_them_stands_in() -> None:
+    fake = FakeComplete()
+    run(council(), fake)
+
+    assert {r.model: r.avoid for r in fake.calls("review")} == {
+        "m1": frozenset({"m2", "m3"}),
+        "m2": frozenset({"m1", "m3"}),
+        "m3": frozenset({"m1", "m2"}),
+    }
+    assert all(r.avoid == frozenset() for r in fake.calls("answer") + fake.calls("synthesis"))
+
+
+def test_a_review_written_by_a_fallback_names_it_and_the_chairman_reads_it_for_its_seat() -> None:
+    def by_x9(request: CallRequest) -> Completion:
+        return Completion(rank_by(["m3"])(request).replace("All fine.", "x9 reviewed."), "x9")
+
+    fake = FakeComplete({("m1", "review"): by_x9})
+    result = run(council(), fake)
+
+    m1 = result.reviews[0]
+    assert (m1.reviewer, m1.requested_reviewer, m1.status) == ("x9", "m1", "valid")
+    assert m1.ranking == ["m3", "m2"]
+    content = fake.calls("synthesis")[0].messages[-1]["content"]
+    assert "=== Review by the author of Response A ===\nx9 reviewed." in content
+
+
+def test_single_mode_names_the_fallback_that_answered() -> None:
+    fake = FakeComplete({("m1", "answer"): answered_by("backup")})
+    result = run(CouncilSpec("single", MEMBERS, chairman="chair"), fake)
+
+    assert (result.members[0].model, result.members[0].requested_model) == ("backup", "m1")
+    assert result.answered_by == "backup"
+    assert result.aggregate_ranking == [RankEntry("backup", None, 0)]

@@ -15,8 +15,9 @@ from shared.providers import errors
 from shared.providers.base import ChatRequest, ChatResult
 from shared.providers.config import ProviderConfig
 from shared.providers.gemini import GeminiProvider, retry_info_delay
+from tests.leaks import remember_secret
 
-KEY = "AIzaSyTest-9f8e7d6c5b4a3f2e1d0c"
+KEY = remember_secret("AIzaSyTest-9f8e7d6c5b4a3f2e1d0c")
 CONFIG = ProviderConfig(
     name="google",
     api="gemini",

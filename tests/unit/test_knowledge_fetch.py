@@ -7,7 +7,6 @@ server's side as well: how many bytes it managed to send, which requests and hea
 from __future__ import annotations
 
 import asyncio
-import functools
 import gzip
 import socket
 import time
@@ -15,7 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 
@@ -23,7 +24,6 @@ from shared.knowledge.fetch import (
     USER_AGENT,
     FetchError,
     FetchResult,
-    UrlCheck,
     fetch_feed,
     make_fetch_client,
 )
@@ -85,7 +85,8 @@ async def fetch(
     max_bytes: int = 5 * MiB,
     timeout_s: float = 20.0,
     max_redirects: int = 5,
-    check_url: UrlCheck | None = None,
+    allow_private: bool = True,  # the test servers listen on loopback
+    resolver: ssrf.AsyncResolver = ssrf.resolve_async,
 ) -> FetchResult:
     async with make_fetch_client() as client:
         return await fetch_feed(
@@ -96,7 +97,8 @@ async def fetch(
             max_bytes=max_bytes,
             timeout_s=timeout_s,
             max_redirects=max_redirects,
-            check_url=check_url,
+            allow_private=allow_private,
+            resolver=resolver,
         )
 
 
@@ -310,8 +312,18 @@ def test_a_missing_feed_is_http_404() -> None:
     asyncio.run(scenario())
 
 
-def test_a_redirect_chain_of_two_is_followed_and_every_hop_is_checked() -> None:
-    checked: list[str] = []
+def names(mapping: dict[str, list[str]], asked: list[tuple[str, int]]) -> ssrf.AsyncResolver:
+    """A resolver answering from ``mapping`` (unknown names do not resolve), noting each question."""
+
+    async def resolve(host: str, port: int) -> list[str]:
+        asked.append((host, port))
+        return mapping.get(host, [])
+
+    return resolve
+
+
+def test_a_redirect_chain_of_two_is_followed_and_every_hop_is_resolved_and_pinned() -> None:
+    asked: list[tuple[str, int]] = []
 
     async def scenario() -> None:
         async with serve(
@@ -321,15 +333,28 @@ def test_a_redirect_chain_of_two_is_followed_and_every_hop_is_checked() -> None:
                 "/final/feed.xml": conditional_feed,
             }
         ) as srv:
-            result = await fetch(srv.url("/old.xml"), check_url=checked.append)
+            base = f"http://feeds.test:{srv.port}"
+            result = await fetch(f"{base}/old.xml", resolver=names({"feeds.test": ["127.0.0.1"]}, asked))
         assert result.status == "ok"
         assert result.body == RSS
-        assert result.final_url == srv.url("/final/feed.xml?v=2")
+        # The name, not the address it was pinned to: the base for the feed's relative links.
+        assert result.final_url == f"{base}/final/feed.xml?v=2"
         assert srv.paths() == ["/old.xml", "/moved/feed.xml", "/final/feed.xml?v=2"]
-        assert checked == [srv.url("/old.xml"), srv.url("/moved/feed.xml"), srv.url("/final/feed.xml?v=2")]
-        # The final URL is the base for the feed's relative links.
+        assert asked == [("feeds.test", srv.port)] * 3
+        assert {headers["Host"] for _, headers in srv.requests} == {f"feeds.test:{srv.port}"}
         parsed = parse_feed(result.body, base_url=result.final_url, content_type=result.content_type)
-        assert parsed.articles[1].link == srv.url("/final/news/relative?id=7")
+        assert parsed.articles[1].link == f"{base}/final/news/relative?id=7"
+
+    asyncio.run(scenario())
+
+
+def test_the_next_address_is_tried_when_one_refuses_the_connection() -> None:
+    async def scenario() -> None:
+        async with serve({"/feed.xml": conditional_feed}) as srv:
+            # 127.0.0.2 is loopback too, but nothing listens there on this port.
+            dns = names({"feeds.test": ["127.0.0.2", "127.0.0.1"]}, [])
+            result = await fetch(f"http://feeds.test:{srv.port}/feed.xml", resolver=dns)
+        assert result.status == "ok" and srv.paths() == ["/feed.xml"]
 
     asyncio.run(scenario())
 
@@ -356,58 +381,58 @@ def test_a_redirect_without_location_is_an_error() -> None:
     asyncio.run(scenario())
 
 
-def test_check_url_can_refuse_a_redirect_target_before_it_is_contacted() -> None:
-    checked: list[str] = []
+def redirect_to(location: str) -> Callable[[httpx.Request], httpx.Response]:
+    return lambda _: httpx.Response(302, headers={"location": location})
 
-    def guard(url: str) -> None:
-        checked.append(url)
-        if "/internal/" in url:
-            raise ssrf.UnsafeURL("host 'metadata' resolves to 169.254.169.254, a link-local address")
 
+def test_a_redirect_to_a_private_address_is_refused_before_it_is_contacted() -> None:
     async def scenario() -> None:
-        async with serve({"/feed.xml": redirect("/internal/secrets.xml")}) as srv:
-            with pytest.raises(FetchError) as caught:
-                await fetch(srv.url(), check_url=guard)
-        assert (
-            str(caught.value) == "refused: host 'metadata' resolves to 169.254.169.254, a link-local address"
-        )
-        assert srv.paths() == ["/feed.xml"]  # the refused target was never requested
-        assert checked == [srv.url(), srv.url("/internal/secrets.xml")]
+        async with serve({"/feed.xml": conditional_feed}) as internal:
+            for location, message in [
+                (
+                    "http://metadata.test/latest/meta-data/",
+                    "refused: host 'metadata.test' resolves to 169.254.169.254, a link-local address",
+                ),
+                (
+                    internal.url(),
+                    "refused: host '127.0.0.1' resolves to 127.0.0.1, a loopback address",
+                ),
+            ]:
+                internet = PublicInternet({PUBLIC_A: redirect_to(location)})
+                dns = names({"feeds.example.test": [PUBLIC_A], "metadata.test": ["169.254.169.254"]}, [])
+                async with httpx.AsyncClient(transport=internet) as client:
+                    with pytest.raises(FetchError) as caught:
+                        await fetch_feed(
+                            client,
+                            "http://feeds.example.test/feed.xml",
+                            etag=None,
+                            last_modified=None,
+                            resolver=dns,
+                        )
+                assert str(caught.value) == message
+                assert internet.seen == [(PUBLIC_A, "feeds.example.test")]  # the target was never requested
+            assert internal.requests == []
 
     asyncio.run(scenario())
 
 
-def test_the_production_ssrf_guard_refuses_loopback_and_allows_it_when_told() -> None:
+def test_the_ssrf_guard_refuses_loopback_and_allows_it_when_told() -> None:
     async def scenario() -> None:
         async with serve({"/feed.xml": conditional_feed}) as srv:
-            strict = functools.partial(ssrf.check_url, allow_private=False)
             with pytest.raises(
                 FetchError, match=r"^refused: host '127\.0\.0\.1' resolves to 127\.0\.0\.1, a loopback"
             ):
-                await fetch(srv.url(), check_url=strict)
+                await fetch(srv.url(), allow_private=False)
             assert srv.requests == []
-            lenient = functools.partial(ssrf.check_url, allow_private=True)
-            assert (await fetch(srv.url(), check_url=lenient)).status == "ok"
+            assert (await fetch(srv.url(), allow_private=True)).status == "ok"
 
     asyncio.run(scenario())
 
 
-def test_an_async_check_url_is_awaited() -> None:
-    checked: list[str] = []
-
-    async def guard(url: str) -> None:
-        await asyncio.sleep(0)
-        checked.append(url)
-        if url.endswith("/b.xml"):
-            raise ssrf.UnsafeURL("host 'b' is not allowed")
-
-    async def scenario() -> None:
-        async with serve({"/a.xml": redirect("/b.xml")}) as srv:
-            with pytest.raises(FetchError, match=r"^refused: host 'b' is not allowed$"):
-                await fetch(srv.url("/a.xml"), check_url=guard)
-        assert checked == [srv.url("/a.xml"), srv.url("/b.xml")]
-
-    asyncio.run(scenario())
+def test_a_host_that_does_not_resolve_is_an_error() -> None:
+    with pytest.raises(FetchError) as caught:
+        asyncio.run(fetch("http://nowhere.test/feed.xml", resolver=names({}, [])))
+    assert str(caught.value) == "refused: host 'nowhere.test' does not resolve"
 
 
 @pytest.mark.parametrize(
@@ -443,3 +468,85 @@ def test_a_refused_connection_is_a_fetch_error() -> None:
         asyncio.run(fetch(f"http://127.0.0.1:{port}/feed.xml"))
     assert str(caught.value).startswith("ConnectError: ")
     assert len(str(caught.value)) <= 200
+
+
+# ---------------------------------------------------------------- DNS rebinding
+
+PUBLIC_A, PUBLIC_B = "93.184.215.14", "93.184.215.15"
+
+
+class PublicInternet(httpx.AsyncBaseTransport):
+    """The test's internet: requests to the public addresses above are answered here (nothing leaves
+    the machine); anything else goes out through a real transport, names resolved by the system's
+    resolver, as httpx would send it."""
+
+    def __init__(self, sites: dict[str, Callable[[httpx.Request], httpx.Response]]) -> None:
+        self.sites = sites
+        self.seen: list[tuple[str, str]] = []  # (the host connected to, the Host header)
+        self.real = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append((request.url.host, request.headers["host"]))
+        site = self.sites.get(request.url.host)
+        if site is not None:
+            return site(request)
+        return await self.real.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+def rebinding_dns(monkeypatch: pytest.MonkeyPatch, answers: dict[str, str]) -> list[str]:
+    """``getaddrinfo`` as a rebinding attacker's DNS serves it: each name in ``answers`` resolves
+    to its public address the first time it is asked and to 127.0.0.1 every time after."""
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in answers:
+            return real(host, port, *args, **kwargs)
+        address = answers[name] if name not in asked else "127.0.0.1"
+        asked.append(name)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port or 80)))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_a_rebinding_name_never_reaches_loopback_on_any_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        async with serve({"/feed.xml": conditional_feed, "/hop.xml": conditional_feed}) as internal:
+            port = internal.port
+            rebinding_dns(monkeypatch, {"feeds.attacker.test": PUBLIC_A, "hop.attacker.test": PUBLIC_B})
+            # The public site redirects to a second rebinding name: that hop must be pinned too.
+            internet = PublicInternet(
+                {
+                    PUBLIC_A: lambda _: httpx.Response(
+                        302, headers={"location": f"http://hop.attacker.test:{port}/hop.xml"}
+                    ),
+                    PUBLIC_B: lambda _: httpx.Response(
+                        200, content=RSS, headers={"content-type": "application/rss+xml"}
+                    ),
+                }
+            )
+            async with httpx.AsyncClient(
+                transport=internet, follow_redirects=False, trust_env=False
+            ) as client:
+                result = await fetch_feed(
+                    client,
+                    f"http://feeds.attacker.test:{port}/feed.xml",
+                    etag=None,
+                    last_modified=None,
+                    allow_private=False,
+                    timeout_s=5,
+                )
+            assert internal.requests == [], "the rebinding name reached the loopback server"
+            assert internet.seen == [
+                (PUBLIC_A, f"feeds.attacker.test:{port}"),
+                (PUBLIC_B, f"hop.attacker.test:{port}"),
+            ]
+            assert result.status == "ok" and result.body == RSS
+            assert result.final_url == f"http://hop.attacker.test:{port}/hop.xml"
+
+    asyncio.run(scenario())

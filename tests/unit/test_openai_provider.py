@@ -15,8 +15,9 @@ from shared.providers import errors
 from shared.providers.base import ChatRequest, ChatResult
 from shared.providers.config import ProviderConfig
 from shared.providers.openai import OpenAIProvider, _reset_seconds
+from tests.leaks import remember_secret
 
-KEY = "sk-test-9f8e7d6c5b4a3f2e1d0c"
+KEY = remember_secret("sk-test-9f8e7d6c5b4a3f2e1d0c")
 CONFIG = ProviderConfig(
     name="openai",
     api="openai",

@@ -11,6 +11,7 @@ import pytest
 from shared.providers.config import (
     Catalog,
     ConfigError,
+    CouncilPreset,
     ModelConfig,
     ProviderConfig,
     load_catalog,
@@ -317,3 +318,201 @@ def test_load_catalog_with_invalid_toml_names_the_file(tmp_path: Path) -> None:
         load_catalog(path, SIM_URL)
 
     assert str(path) in str(info.value)
+
+
+# -- the file's shape: every bad field is named -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value", "named"),
+    [
+        ("openai", "timeout_s", 0, "providers.openai.timeout_s"),
+        ("openai", "max_concurrency", 0, "providers.openai.max_concurrency"),
+        ("openai", "rpm", "many", "providers.openai.rpm"),
+        ("openai", "tpm", -5, "providers.openai.tpm"),
+        ("anthropic", "breaker_failures", 0, "providers.anthropic.breaker_failures"),
+        ("google", "breaker_cooldown_s", -1, "providers.google.breaker_cooldown_s"),
+        ("google", "base_url", "", "providers.google.base_url"),
+    ],
+)
+def test_out_of_range_provider_value_names_the_key_and_the_value(
+    table: str, key: str, value: Any, named: str
+) -> None:
+    data = spec_data()
+    data["providers"][table][key] = value
+
+    message = config_error(data)
+
+    assert message.startswith(named)
+    assert repr(value) in message
+
+
+def test_misspelt_provider_key_is_named_rather_than_ignored() -> None:
+    data = spec_data()
+    data["providers"]["openai"]["rmp"] = 500
+
+    assert config_error(data) == "providers.openai.rmp is not a known key"
+
+
+def test_provider_that_is_not_a_table_is_named() -> None:
+    data = spec_data()
+    data["providers"]["mistral"] = "https://api.mistral.ai"
+
+    assert config_error(data) == "providers.mistral must be a table"
+
+
+def test_negative_price_names_the_quoted_model_key() -> None:
+    data = spec_data()
+    data["models"]["openai:gpt-4o-mini"]["input_usd_per_mtok"] = -0.15
+
+    assert config_error(data).startswith('models."openai:gpt-4o-mini".input_usd_per_mtok:')
+
+
+def test_fallbacks_that_are_not_a_list_name_the_key() -> None:
+    data = spec_data()
+    data["models"]["openai:gpt-4o-mini"]["fallbacks"] = "openai:gpt-4o"
+
+    assert config_error(data).startswith('models."openai:gpt-4o-mini".fallbacks:')
+
+
+def test_every_bad_field_is_reported_at_once() -> None:
+    data = spec_data()
+    data["providers"]["openai"]["timeout_s"] = 0
+    del data["providers"]["google"]["api"]
+
+    message = config_error(data)
+
+    assert "providers.openai.timeout_s" in message
+    assert "providers.google.api is required" in message
+
+
+def test_repeated_council_member_is_an_error() -> None:
+    data = spec_data()
+    data["council"]["members"] = ["openai:gpt-4o-mini", "openai:gpt-4o-mini"]
+
+    assert config_error(data) == "council.members must be distinct; named more than once: openai:gpt-4o-mini"
+
+
+# -- [councils.<name>] presets (SPEC §11) -------------------------------------------------------
+
+PRESETS = """
+[councils.fast]
+members = ["openai:gpt-4o-mini", "google:gemini-2.0-flash"]
+chairman = "openai:gpt-4o-mini"
+mode = "single"
+
+[councils.deep]
+members = ["openai:gpt-4o", "anthropic:claude-3-5-sonnet-latest", "google:gemini-2.5-pro"]
+chairman = "anthropic:claude-3-5-sonnet-latest"
+"""
+
+
+def preset_data() -> dict[str, Any]:
+    return tomllib.loads(SPEC_EXAMPLE + PRESETS)
+
+
+def test_council_presets_parse_with_mode_defaulting_to_council() -> None:
+    catalog = parse_catalog(preset_data())
+
+    assert catalog.councils == {
+        "fast": CouncilPreset(
+            name="fast",
+            members=("openai:gpt-4o-mini", "google:gemini-2.0-flash"),
+            chairman="openai:gpt-4o-mini",
+            mode="single",
+        ),
+        "deep": CouncilPreset(
+            name="deep",
+            members=("openai:gpt-4o", "anthropic:claude-3-5-sonnet-latest", "google:gemini-2.5-pro"),
+            chairman="anthropic:claude-3-5-sonnet-latest",
+            mode="council",
+        ),
+    }
+
+
+def test_no_presets_is_an_empty_mapping() -> None:
+    assert parse_catalog(spec_data()).councils == {}
+    assert simulated_catalog(SIM_URL).councils == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"members": ["openai:gpt-4o", "mistral:large"]},
+            "councils.deep.members[1]: unknown provider 'mistral' (configured: anthropic, google, openai)",
+        ),
+        (
+            {"chairman": "gpt-4o"},
+            "councils.deep.chairman: model id must look like 'provider:model', got 'gpt-4o'",
+        ),
+        (
+            {"members": ["openai:gpt-4o", "openai:gpt-4o"]},
+            "councils.deep.members must be distinct; named more than once: openai:gpt-4o",
+        ),
+        ({"mode": "fast"}, "councils.deep.mode: input should be 'council', 'single' or 'auto', got 'fast'"),
+        (
+            {"members": []},
+            "councils.deep.members: list should have at least 1 item after validation, not 0, got []",
+        ),
+        ({"chairman": None}, "councils.deep.chairman is required"),
+        ({"chair": "openai:gpt-4o"}, "councils.deep.chair is not a known key"),
+    ],
+)
+def test_bad_preset_field_is_named(change: dict[str, Any], message: str) -> None:
+    data = preset_data()
+    table = data["councils"]["deep"]
+    for key, value in change.items():
+        if value is None:
+            del table[key]
+        else:
+            table[key] = value
+
+    assert config_error(data) == message
+
+
+def test_preset_name_that_needs_quotes_is_quoted() -> None:
+    data = preset_data()
+    data["councils"]["v1.5"] = {"members": ["openai:gpt-4o"], "chairman": "mistral:large"}
+
+    assert config_error(data).startswith('councils."v1.5".chairman: unknown provider')
+
+
+# -- resolve_model ------------------------------------------------------------------------------
+
+
+def test_resolve_model_keeps_a_full_id_of_a_configured_provider() -> None:
+    catalog = parse_catalog(preset_data())
+
+    assert catalog.resolve_model("openai:gpt-4o-mini") == "openai:gpt-4o-mini"
+    assert catalog.resolve_model("openai:ft:gpt-4o-mini:acme::abc123") == "openai:ft:gpt-4o-mini:acme::abc123"
+
+
+def test_resolve_model_finds_a_bare_name_the_configuration_names_once() -> None:
+    catalog = parse_catalog(preset_data())
+
+    assert catalog.resolve_model("gpt-4o-mini") == "openai:gpt-4o-mini"  # [models] table and members
+    assert catalog.resolve_model("claude-3-5-haiku-latest") == "anthropic:claude-3-5-haiku-latest"  # fallback
+    assert catalog.resolve_model("gpt-4o") == "openai:gpt-4o"  # chairman only
+    assert catalog.resolve_model("gemini-2.5-pro") == "google:gemini-2.5-pro"  # a preset member only
+
+
+def test_resolve_model_refuses_unknown_and_ambiguous_names() -> None:
+    data = preset_data()
+    data["providers"]["azure"] = {"api": "openai", "base_url": "https://example.openai.azure.com"}
+    data["models"]["azure:gpt-4o-mini"] = {"input_usd_per_mtok": 0.15}
+    catalog = parse_catalog(data)
+
+    assert catalog.resolve_model("gpt-4o-mini") is None  # openai and azure both name it
+    assert catalog.resolve_model("gpt-5") is None
+    assert catalog.resolve_model("mistral:large") is None
+    assert catalog.resolve_model("openai:") is None
+    assert catalog.resolve_model("") is None
+
+
+def test_resolve_model_on_the_simulated_catalog() -> None:
+    catalog = simulated_catalog(SIM_URL)
+
+    assert catalog.resolve_model("alpha") == "sim:alpha"
+    assert catalog.resolve_model("sim:chairman") == "sim:chairman"
+    assert catalog.resolve_model("delta") is None

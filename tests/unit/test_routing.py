@@ -3,6 +3,8 @@ with a stored reason that says why."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from workers.routing import COMPLEX_THRESHOLD, Route, complexity, route
@@ -220,3 +222,68 @@ def test_route_to_dict_is_storable() -> None:
         "reason": f"simple (score 0 < {COMPLEX_THRESHOLD}: short, plain question); "
         "cheapest member google:gemini-2.0-flash",
     }
+
+
+# -- members whose circuit is open (SPEC §5.4, §13) ---------------------------------------------
+
+
+def down(*models: str) -> Callable[[str], bool]:
+    return lambda model: model not in models
+
+
+def test_a_simple_question_skips_the_cheapest_member_when_its_circuit_is_open() -> None:
+    decision = route(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        MEMBERS,
+        price,
+        healthy=down("google:gemini-2.0-flash"),
+    )
+
+    assert decision.mode == "single"
+    assert decision.members == ("anthropic:claude-3-5-haiku-latest",)
+    assert decision.reason == (
+        f"simple (score 0 < {COMPLEX_THRESHOLD}: short, plain question); "
+        "cheapest healthy member anthropic:claude-3-5-haiku-latest "
+        "(circuit open: google:gemini-2.0-flash)"
+    )
+
+
+def test_a_simple_question_goes_to_the_cheapest_member_when_every_circuit_is_open() -> None:
+    decision = route([{"role": "user", "content": "Hi"}], MEMBERS, price, healthy=lambda m: False)
+
+    assert decision.members == ("google:gemini-2.0-flash",)
+    assert decision.reason.endswith(
+        "; every member's circuit is open, cheapest member google:gemini-2.0-flash"
+    )
+
+
+def test_a_complex_question_goes_to_the_council_minus_open_circuits() -> None:
+    text = "Why does the contract's liability clause matter? Compare it with the usual one."
+
+    decision = route([{"role": "user", "content": text}], MEMBERS, price, healthy=down("openai:gpt-4o"))
+
+    assert decision.mode == "council"
+    assert decision.members == ("anthropic:claude-3-5-haiku-latest", "google:gemini-2.0-flash")
+    assert decision.reason.startswith("complex: ")
+    assert decision.reason.endswith("; skipped (circuit open): openai:gpt-4o")
+
+
+def test_a_complex_question_keeps_the_full_council_when_fewer_than_two_members_are_healthy() -> None:
+    text = "Why does the contract's liability clause matter? Compare it with the usual one."
+
+    decision = route(
+        [{"role": "user", "content": text}],
+        MEMBERS,
+        price,
+        healthy=down("openai:gpt-4o", "google:gemini-2.0-flash"),
+    )
+
+    assert decision.members == MEMBERS
+    assert decision.reason.endswith(
+        "; circuit open for openai:gpt-4o, google:gemini-2.0-flash: too few healthy members to leave out"
+    )
+
+
+def test_healthy_members_change_nothing() -> None:
+    for text in ("Hi", "Why does the contract's liability clause matter? Compare it with the usual one."):
+        assert ask(text) == route([{"role": "user", "content": text}], MEMBERS, price, healthy=lambda m: True)

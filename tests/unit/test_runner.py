@@ -93,10 +93,18 @@ class FakeOpenAI:
     calls overlap as far as the runner lets them.
     """
 
-    def __init__(self, script: dict[tuple[str, str], list[Step]] | None = None, yields: int = 0):
+    def __init__(
+        self,
+        script: dict[tuple[str, str], list[Step]] | None = None,
+        yields: int = 0,
+        honour_max_tokens: bool = False,
+    ):
         self.script = {key: list(steps) for key, steps in (script or {}).items()}
         self.yields = yields
+        # Like a real provider, stop after max_tokens (a word stands for a token here).
+        self.honour_max_tokens = honour_max_tokens
         self.seen: list[tuple[str, str]] = []  # (model name, stage)
+        self.bodies: list[tuple[str, str, dict[str, Any]]] = []  # (model name, stage, JSON body)
         self.headers: list[httpx.Headers] = []
         self.in_flight: Counter[str] = Counter()
         self.peak: Counter[str] = Counter()
@@ -106,6 +114,7 @@ class FakeOpenAI:
         model, prompt = body["model"], body["messages"][-1]["content"]
         stage = stage_of(prompt)
         self.seen.append((model, stage))
+        self.bodies.append((model, stage, body))
         self.headers.append(request.headers)
         host = request.url.host
         self.in_flight[host] += 1
@@ -113,11 +122,13 @@ class FakeOpenAI:
         try:
             for _ in range(self.yields):
                 await asyncio.sleep(0)
-            return self._respond(request, model, stage, prompt)
+            return self._respond(request, model, stage, prompt, body.get("max_tokens"))
         finally:
             self.in_flight[host] -= 1
 
-    def _respond(self, request: httpx.Request, model: str, stage: str, prompt: str) -> httpx.Response:
+    def _respond(
+        self, request: httpx.Request, model: str, stage: str, prompt: str, max_tokens: int | None
+    ) -> httpx.Response:
         steps = self.script.get((model, stage))
         step: Step = 200
         if steps:
@@ -128,7 +139,14 @@ class FakeOpenAI:
             return step
         if step != 200:
             return httpx.Response(step, json={"error": ERROR_BODIES[step]})
-        return httpx.Response(200, json=completion(answer_text(model, stage, prompt)))
+        text = answer_text(model, stage, prompt)
+        if self.honour_max_tokens and max_tokens is not None and len(text.split(" ")) > max_tokens:
+            return httpx.Response(200, json=completion(" ".join(text.split(" ")[:max_tokens]), "length"))
+        return httpx.Response(200, json=completion(text))
+
+    def prompts(self, stage: str) -> list[tuple[str, str]]:
+        """(model name, last message) of every request of ``stage``."""
+        return [(m, b["messages"][-1]["content"]) for m, st, b in self.bodies if st == stage]
 
     def count(self, model: str, stage: str) -> int:
         return self.seen.count((model, stage))
@@ -194,18 +212,25 @@ def run_query(
     *,
     mode: str | None = None,
     retry_budget: int = 6,
+    max_tokens: int | None = None,
+    **runner_options: Any,
 ) -> tuple[CouncilResult, list[CallRecord]]:
     calls: list[CallRecord] = []
 
     async def go() -> CouncilResult:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
             runner = Runner(
-                catalog, build_providers(catalog), client, retry_budget=retry_budget, rng=random.Random(0)
+                catalog,
+                build_providers(catalog),
+                client,
+                retry_budget=retry_budget,
+                rng=random.Random(0),
+                **runner_options,
             )
             spec = runner.council_spec({"members": list(catalog.members), "chairman": catalog.chairman}, mode)
             request = {
                 "messages": [{"role": "user", "content": QUESTION}],
-                "max_tokens": None,
+                "max_tokens": max_tokens,
                 "temperature": None,
             }
             return await runner.run("q_01test", request, spec, calls=calls)
@@ -450,16 +475,19 @@ def test_member_fallback_answers_when_the_primary_fails_permanently() -> None:
     result, calls = run_query(catalog, fake)
 
     alpha = result.members[0]
-    assert (alpha.model, alpha.status, alpha.answer) == (
+    assert (alpha.model, alpha.requested_model, alpha.status, alpha.answer) == (
+        "acme:alpha-backup",
         "acme:alpha",
         "succeeded",
         "answer from alpha-backup",
     )
     assert attempts(calls, "acme:alpha", "answer") == [(1, "failed", "invalid_request")]
     assert attempts(calls, "acme:alpha-backup", "answer") == [(1, "succeeded", None)]
-    (backup,) = (c for c in calls if c.model == "acme:alpha-backup")
+    (backup,) = (c for c in calls if c.model == "acme:alpha-backup" and c.stage == "answer")
     assert backup.cost_usd == pytest.approx((100 * 2.0 + 20 * 8.0) / 1e6)
     assert fake.count("alpha", "answer") == 1
+    # The model that answered sits in the member's seat for the review too.
+    assert (fake.count("alpha", "review"), fake.count("alpha-backup", "review")) == (0, 1)
     assert result.status == "succeeded"
     assert result.synthesis == "chairman"
 
@@ -542,6 +570,108 @@ def test_council_spec_takes_chairman_fallbacks_from_the_catalog() -> None:
     assert spec.required_answers == 2
     assert single.mode == "single"
     assert single.required_answers == 1
+
+
+# -- a fallback that is itself a member (SPEC §18) ------------------------------------------------
+
+
+def test_a_member_answered_by_a_fellow_member_never_reviews_its_own_answer() -> None:
+    # As in the shipped deploy/providers.toml: a member falls back to another member.
+    models = {"acme:alpha": {"fallbacks": ["acme:beta"]}}
+    catalog = make_catalog(["acme:alpha", "acme:beta", "acme:gamma"], models=models)
+    fake = FakeOpenAI({("alpha", "answer"): [404]})
+
+    result, calls = run_query(catalog, fake)
+
+    for reviewer, prompt in fake.prompts("review"):
+        assert f"answer from {reviewer}" not in prompt, f"{reviewer} was shown its own answer"
+    answers = [("alpha", "answer"), ("beta", "answer"), ("beta", "answer"), ("gamma", "answer")]
+    assert sorted(fake.seen) == sorted(
+        [*answers, ("beta", "review"), ("gamma", "review"), ("chair", "synthesis")]
+    )
+    # Who answered, and for which member; beta's second answer is not reviewed a second time.
+    assert [(m.model, m.requested_model, m.status, m.duplicate_of) for m in result.members] == [
+        ("acme:beta", "acme:alpha", "succeeded", "acme:beta"),
+        ("acme:beta", "acme:beta", "succeeded", None),
+        ("acme:gamma", "acme:gamma", "succeeded", None),
+    ]
+    assert [(r.reviewer, sorted(r.labels.values())) for r in result.reviews] == [
+        ("acme:beta", ["acme:gamma"]),
+        ("acme:gamma", ["acme:beta"]),
+    ]
+    assert {(e.model, e.votes) for e in result.aggregate_ranking} == {("acme:beta", 1), ("acme:gamma", 1)}
+    assert attempts(calls, "acme:beta", "answer") == [(1, "succeeded", None), (1, "succeeded", None)]
+
+
+def test_the_ranking_credits_the_fallback_that_answered() -> None:
+    models = {"acme:alpha": {"fallbacks": ["acme:alpha-backup"]}}
+    catalog = make_catalog(["acme:alpha", "acme:beta", "acme:gamma"], models=models)
+    fake = FakeOpenAI({("alpha", "answer"): [404]})
+
+    result, _ = run_query(catalog, fake)
+
+    assert (result.members[0].model, result.members[0].requested_model) == ("acme:alpha-backup", "acme:alpha")
+    assert {(e.model, e.votes) for e in result.aggregate_ranking} == {
+        ("acme:alpha-backup", 2),
+        ("acme:beta", 2),
+        ("acme:gamma", 2),
+    }
+    # The fallback reviews in the member's place, and never sees the answer it wrote.
+    assert ("alpha-backup", "review") in fake.seen
+    for reviewer, prompt in fake.prompts("review"):
+        assert f"answer from {reviewer}" not in prompt
+
+
+def test_a_reviewers_fallback_is_never_a_model_whose_answer_it_would_judge() -> None:
+    models = {"acme:beta": {"fallbacks": ["acme:gamma", "acme:delta"]}}
+    catalog = make_catalog(["acme:alpha", "acme:beta", "acme:gamma"], models=models)
+    fake = FakeOpenAI({("beta", "review"): [404]})
+
+    result, _ = run_query(catalog, fake)
+
+    for reviewer, prompt in fake.prompts("review"):
+        assert f"answer from {reviewer}" not in prompt, f"{reviewer} was shown its own answer"
+    assert fake.count("gamma", "review") == 1  # its own review only
+    beta = next(r for r in result.reviews if r.requested_reviewer == "acme:beta")
+    assert (beta.reviewer, beta.status) == ("acme:delta", "valid")
+    assert sorted(beta.labels.values()) == ["acme:alpha", "acme:gamma"]
+
+
+def test_a_two_member_council_answered_by_one_model_has_too_few_answers() -> None:
+    models = {"acme:alpha": {"fallbacks": ["acme:beta"]}}
+    catalog = make_catalog(["acme:alpha", "acme:beta"], models=models)
+    fake = FakeOpenAI({("alpha", "answer"): [404]})
+
+    result, _ = run_query(catalog, fake)
+
+    assert fake.count("beta", "review") == 0
+    assert result.status == "failed"
+    assert result.error is not None and result.error["type"] == "insufficient_answers"
+    assert "by 1 distinct model" in result.error["message"]
+
+
+# -- token budgets of stages 2 and 3 (SPEC §18) ---------------------------------------------------
+
+
+def test_a_small_max_tokens_does_not_truncate_reviews_or_the_synthesis() -> None:
+    catalog = make_catalog(["acme:alpha", "acme:beta", "acme:gamma"])
+    fake = FakeOpenAI(honour_max_tokens=True)
+
+    result, _ = run_query(catalog, fake, max_tokens=5)
+
+    assert [r.status for r in result.reviews] == ["valid"] * 3, [r.error for r in result.reviews]
+    assert result.answer == "synthesis by chair"
+    assert {b.get("max_tokens") for _, stage, b in fake.bodies if stage == "answer"} == {5}
+
+
+def test_review_and_synthesis_budgets_come_from_the_runner() -> None:
+    catalog = make_catalog(["acme:alpha", "acme:beta"])
+    fake = FakeOpenAI()
+
+    run_query(catalog, fake, max_tokens=5, review_max_tokens=700, synthesis_max_tokens=900)
+
+    budgets = {(stage, b.get("max_tokens")) for _, stage, b in fake.bodies}
+    assert budgets == {("answer", 5), ("review", 700), ("synthesis", 900)}
 
 
 # -- concurrency --------------------------------------------------------------------------------

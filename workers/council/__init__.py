@@ -8,6 +8,7 @@ from workers.council.ranking import InvalidRanking, RankEntry, aggregate_ranking
 from workers.council.stages import (
     CallRequest,
     CompleteFn,
+    Completion,
     CouncilResult,
     CouncilSpec,
     KnowledgeSnippet,
@@ -22,6 +23,7 @@ from workers.council.stages import (
 __all__ = [
     "CallRequest",
     "CompleteFn",
+    "Completion",
     "CouncilResult",
     "CouncilSpec",
     "InvalidRanking",

@@ -4,6 +4,26 @@ Owns the order of the stages, who sees which answers under which labels, and wha
 each stage does to the result. Model calls go through the injected ``complete`` (the runner
 supplies retries, fallbacks, breakers and accounting); nothing here does I/O of its own or logs
 prompt text, so the whole council runs in tests against a scripted ``complete``.
+
+Who answered (SPEC §18). ``complete`` returns the text with the model that wrote it: the model
+asked or one of its fallbacks. A member's record names both (``model`` is who answered,
+``requested_model`` the member), and labels, reviews and rankings are keyed by who answered, so
+a ranking credits the model that wrote the answer. A fallback may itself be a member (the
+shipped providers.toml has two members falling back to a third), so two rules keep a model from
+ever judging its own words:
+
+- One answer per model. A model that answered for two members wrote one opinion twice: the
+  council keeps the answer from the model's own seat (or, if it has none, the first in member
+  order) and records the other with ``duplicate_of`` (the member whose answer it repeats). The
+  duplicate is not reviewed and not shown to the chairman, and ``min_answers`` counts distinct
+  models: a second answer from the same model is not a second opinion.
+- A review call carries ``avoid``, the authors of the answers it shows; the runner never lets
+  one of them stand in for the reviewer, so whoever writes a review (``reviewer``, with the
+  member asked as ``requested_reviewer``) has no answer among those it ranks.
+
+Stages 2 and 3 have token budgets of their own (``CouncilSpec.review_max_tokens`` and
+``synthesis_max_tokens``): a query's ``max_tokens`` is for its answers, and a small one would cut
+off the ``FINAL RANKING`` list of every review.
 """
 
 from __future__ import annotations
@@ -30,6 +50,7 @@ from workers.council.ranking import (
 __all__ = [
     "CallRequest",
     "CompleteFn",
+    "Completion",
     "CouncilResult",
     "CouncilSpec",
     "KnowledgeSnippet",
@@ -57,6 +78,10 @@ class CouncilSpec:
     chairman: str
     chairman_fallbacks: tuple[str, ...] = ()
     min_answers: int | None = None  # None -> 2, or 1 when the council has one member
+    # Output budgets of a review and of the synthesis (None: the provider's default), never the
+    # query's max_tokens.
+    review_max_tokens: int | None = None
+    synthesis_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -90,24 +115,35 @@ class CallRequest:
     messages: tuple[Message, ...]
     max_tokens: int | None
     temperature: float | None
+    # Models that must not answer in ``model``'s place: the authors of the answers a review shows.
+    avoid: frozenset[str] = frozenset()
 
 
-# Returns the answer text or raises ProviderError (retries and fallbacks already spent).
-CompleteFn = Callable[[CallRequest], Awaitable[str]]
+class Completion(NamedTuple):
+    text: str
+    model: str  # who wrote ``text``: the model asked or one of its fallbacks
+
+
+# Returns the answer and who wrote it, or raises ProviderError (retries and fallbacks spent).
+CompleteFn = Callable[[CallRequest], Awaitable[Completion]]
 
 
 @dataclass
 class MemberResult:
-    model: str
+    model: str  # who answered (the member, or the fallback that answered for it)
+    requested_model: str  # the member
     status: Literal["succeeded", "failed"]
     answer: str | None
     error: dict[str, str] | None  # {"type", "message"}
     latency_ms: int
+    # Set when ``model`` also answered for this member: that member's answer is the one kept.
+    duplicate_of: str | None = None
 
 
 @dataclass
 class ReviewResult:
-    reviewer: str
+    reviewer: str  # who wrote the review
+    requested_reviewer: str  # the member asked: the author of the one answer left out
     status: Literal["valid", "invalid", "failed"]
     text: str | None
     labels: dict[str, str]  # "Response A" -> model, as this reviewer saw them
@@ -145,6 +181,7 @@ class CouncilResult:
 
 class _Outcome(NamedTuple):
     text: str | None
+    model: str | None  # who answered; None when the call failed
     error: dict[str, str] | None
     latency_ms: int
 
@@ -154,8 +191,10 @@ async def run_council(spec: CouncilSpec, query: QueryInput, complete: CompleteFn
     if spec.mode == "single":
         return _single(await _answer(spec.members[0], stage1, query, complete))
 
-    members = list(await asyncio.gather(*(_answer(m, stage1, query, complete) for m in spec.members)))
-    answered = [m for m in members if m.status == "succeeded"]
+    members = _one_answer_per_model(
+        list(await asyncio.gather(*(_answer(m, stage1, query, complete) for m in spec.members)))
+    )
+    answered = _distinct_answers(members)
     if len(answered) < spec.required_answers:
         return _insufficient(members, spec.required_answers)
     if len(spec.members) == 1:
@@ -164,9 +203,9 @@ async def run_council(spec: CouncilSpec, query: QueryInput, complete: CompleteFn
     # With one answer there is nothing to compare, so nobody reviews and every model has 0 votes.
     reviews: list[ReviewResult] = []
     if len(answered) >= 2:
-        reviews = list(await asyncio.gather(*(_review(r, answered, query, complete) for r in answered)))
+        reviews = list(await asyncio.gather(*(_review(r, answered, query, spec, complete) for r in answered)))
     ranking = aggregate_ranking(
-        spec.members, [r.ranking for r in reviews if r.status == "valid" and r.ranking is not None]
+        _ranked_models(members), [r.ranking for r in reviews if r.status == "valid" and r.ranking is not None]
     )
     return await _synthesise(spec, query, stage1, members, reviews, ranking, complete)
 
@@ -174,13 +213,13 @@ async def run_council(spec: CouncilSpec, query: QueryInput, complete: CompleteFn
 async def _call(complete: CompleteFn, request: CallRequest) -> _Outcome:
     start = time.perf_counter()
     try:
-        text = await complete(request)
+        text, model = await complete(request)
         if not text or not text.strip():
             # An empty 200 is a failure, never an answer (llm-council returned error strings as answers).
-            raise BadResponse(f"{request.model} returned an empty answer")
+            raise BadResponse(f"{model} returned an empty answer")
     except ProviderError as exc:
-        return _Outcome(None, exc.to_dict(), _elapsed_ms(start))
-    return _Outcome(text, None, _elapsed_ms(start))
+        return _Outcome(None, None, exc.to_dict(), _elapsed_ms(start))
+    return _Outcome(text, model, None, _elapsed_ms(start))
 
 
 def _elapsed_ms(start: float) -> int:
@@ -193,7 +232,37 @@ async def _answer(
     request = CallRequest(model, "answer", messages, query.max_tokens, query.temperature)
     outcome = await _call(complete, request)
     status: Literal["succeeded", "failed"] = "failed" if outcome.error else "succeeded"
-    return MemberResult(model, status, outcome.text, outcome.error, outcome.latency_ms)
+    # A member nobody answered for is named by itself.
+    return MemberResult(
+        outcome.model or model, model, status, outcome.text, outcome.error, outcome.latency_ms
+    )
+
+
+def _one_answer_per_model(members: list[MemberResult]) -> list[MemberResult]:
+    """Mark every answer but one per model as a duplicate: the one kept is from the model's own
+    seat if that answered, else the first in member order."""
+    kept: dict[str, MemberResult] = {}
+    for m in members:
+        if m.status != "succeeded":
+            continue
+        current = kept.get(m.model)
+        if current is None or (m.model == m.requested_model != current.requested_model):
+            kept[m.model] = m
+    return [
+        m
+        if m.status != "succeeded" or kept[m.model] is m
+        else dataclasses.replace(m, duplicate_of=kept[m.model].requested_model)
+        for m in members
+    ]
+
+
+def _distinct_answers(members: Sequence[MemberResult]) -> list[MemberResult]:
+    return [m for m in members if m.status == "succeeded" and m.duplicate_of is None]
+
+
+def _ranked_models(members: Sequence[MemberResult]) -> list[str]:
+    # Who answered, once each, in member order; a member nobody answered for under its own name.
+    return list(dict.fromkeys(m.model for m in members))
 
 
 def _single(member: MemberResult) -> CouncilResult:
@@ -207,33 +276,49 @@ def _single(member: MemberResult) -> CouncilResult:
 
 def _insufficient(members: list[MemberResult], required: int) -> CouncilResult:
     answered = sum(m.status == "succeeded" for m in members)
-    failures = ", ".join(f"{m.model} ({m.error['type']})" for m in members if m.error)
-    message = f"{answered} of {len(members)} members answered, {required} needed; failed: {failures}"
+    distinct = len(_distinct_answers(members))
+    message = f"{answered} of {len(members)} members answered"
+    if distinct < answered:
+        message += f" by {distinct} distinct model{'' if distinct == 1 else 's'}"
+    message += f", {required} needed"
+    failures = ", ".join(f"{m.requested_model} ({m.error['type']})" for m in members if m.error)
+    if failures:
+        message += f"; failed: {failures}"
     error = {"type": "insufficient_answers", "message": message}
-    ranking = aggregate_ranking([m.model for m in members], [])
+    ranking = aggregate_ranking(_ranked_models(members), [])
     return CouncilResult("failed", None, error, None, None, members, [], ranking)
 
 
 async def _review(
-    reviewer: MemberResult, answered: Sequence[MemberResult], query: QueryInput, complete: CompleteFn
+    author: MemberResult,
+    answered: Sequence[MemberResult],
+    query: QueryInput,
+    spec: CouncilSpec,
+    complete: CompleteFn,
 ) -> ReviewResult:
-    others = [m for m in answered if m.model != reviewer.model]
+    """The author of one answer ranks the others (``answered`` holds one answer per model)."""
+    asked = author.model
+    others = [m for m in answered if m.model != asked]
     # A different order per reviewer spreads position bias; seeding by (query, reviewer) keeps a
     # rerun of the same query byte-for-byte reproducible.
-    random.Random(f"{query.query_id}:{reviewer.model}").shuffle(others)
+    random.Random(f"{query.query_id}:{asked}").shuffle(others)
     labels = {prompts.response_label(i): m.model for i, m in enumerate(others)}
     answers = [(label, m.answer or "") for label, m in zip(labels, others, strict=True)]
     messages = prompts.review_messages(prompts.question_text(query.messages), answers)
-    outcome = await _call(complete, CallRequest(reviewer.model, "review", messages, query.max_tokens, None))
+    request = CallRequest(
+        asked, "review", messages, spec.review_max_tokens, None, avoid=frozenset(labels.values())
+    )
+    outcome = await _call(complete, request)
+    reviewer = outcome.model or asked
     if outcome.text is None:
-        return ReviewResult(reviewer.model, "failed", None, labels, None, outcome.error, outcome.latency_ms)
+        return ReviewResult(reviewer, asked, "failed", None, labels, None, outcome.error, outcome.latency_ms)
     try:
         ranked = parse_final_ranking(outcome.text, list(labels))
     except InvalidRanking as exc:
         error = {"type": "invalid_ranking", "message": str(exc)}
-        return ReviewResult(reviewer.model, "invalid", outcome.text, labels, None, error, outcome.latency_ms)
+        return ReviewResult(reviewer, asked, "invalid", outcome.text, labels, None, error, outcome.latency_ms)
     ranking = [labels[label] for label in ranked]
-    return ReviewResult(reviewer.model, "valid", outcome.text, labels, ranking, None, outcome.latency_ms)
+    return ReviewResult(reviewer, asked, "valid", outcome.text, labels, ranking, None, outcome.latency_ms)
 
 
 async def _synthesise(
@@ -245,7 +330,7 @@ async def _synthesise(
     ranking: list[RankEntry],
     complete: CompleteFn,
 ) -> CouncilResult:
-    answered = [m for m in members if m.status == "succeeded"]
+    answered = _distinct_answers(members)
     # One fixed labelling in member order for the chairman; reviews are translated into it.
     label_of = {m.model: prompts.response_label(i) for i, m in enumerate(answered)}
     valid = [r for r in reviews if r.status == "valid" and r.text is not None]
@@ -253,22 +338,24 @@ async def _synthesise(
         question=prompts.question_text(query.messages),
         answers=[(label_of[m.model], m.answer or "") for m in answered],
         ranking=[(label_of[e.model], e.mean_rank, e.votes) for e in ranking if e.model in label_of],
-        reviews=[(label_of[r.reviewer], _review_for_chairman(r, label_of)) for r in valid],
+        reviews=[(label_of[r.requested_reviewer], _review_for_chairman(r, label_of)) for r in valid],
         system=stage1[0] if stage1 and stage1[0]["role"] == "system" else None,
     )
 
     attempts: list[SynthesisAttempt] = []
     chairmen = list(dict.fromkeys((spec.chairman, *spec.chairman_fallbacks)))
     for model in chairmen:
-        outcome = await _call(complete, CallRequest(model, "synthesis", messages, query.max_tokens, None))
+        request = CallRequest(model, "synthesis", messages, spec.synthesis_max_tokens, None)
+        outcome = await _call(complete, request)
         status: Literal["succeeded", "failed"] = "failed" if outcome.error else "succeeded"
-        attempts.append(SynthesisAttempt(model, status, outcome.error, outcome.latency_ms))
+        attempts.append(SynthesisAttempt(outcome.model or model, status, outcome.error, outcome.latency_ms))
         if outcome.text is not None:
+            writer = outcome.model or model
             kind: Literal["chairman", "fallback_chairman"] = (
-                "chairman" if model == spec.chairman else "fallback_chairman"
+                "chairman" if writer == spec.chairman else "fallback_chairman"
             )
             return CouncilResult(
-                "succeeded", outcome.text, None, kind, model, members, reviews, ranking, model, attempts
+                "succeeded", outcome.text, None, kind, writer, members, reviews, ranking, writer, attempts
             )
 
     # Every chairman failed: the best-ranked answer stands; ties and no votes keep member order.
