@@ -3,9 +3,7 @@ parsing, and every status/header/body mapped into the one error taxonomy. No net
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,9 +15,9 @@ from shared.providers import errors
 from shared.providers.anthropic import DEFAULT_MAX_TOKENS, AnthropicProvider, ratelimit_reset_wait
 from shared.providers.base import ChatRequest, ChatResult
 from shared.providers.config import ProviderConfig
-from tests.leaks import remember_secret
+from tests.providerkit import MESSAGES, WireKit, page, reply
 
-KEY = remember_secret("sk-ant-api03-test-9f8e7d6c5b4a3f2e1d0c")
+KEY = "sk-ant-api03-test-9f8e7d6c5b4a3f2e1d0c"
 CONFIG = ProviderConfig(
     name="anthropic",
     api="anthropic",
@@ -27,13 +25,7 @@ CONFIG = ProviderConfig(
     api_key_env="ANTHROPIC_API_KEY",
     timeout_s=5.0,
 )
-MESSAGES = (
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "What is the capital of France?"},
-)
 REQUEST = ChatRequest(model="claude-3-5-haiku-latest", messages=MESSAGES, max_tokens=256, temperature=0.2)
-
-Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def message(
@@ -71,40 +63,10 @@ def error_body(type_: str, message_: str, details: dict[str, Any] | None = None)
     return {"type": "error", "error": error, "request_id": "req_011CSHoEeqs5C35K2UUqR7Fy"}
 
 
-def reply(status: int, body: Any = None, headers: dict[str, str] | None = None) -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, json=body, headers=headers)
-
-    return handler
-
-
-def call(handler: Handler, request: ChatRequest = REQUEST, *, key: str | None = KEY) -> ChatResult:
-    async def go() -> ChatResult:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            return await AnthropicProvider(CONFIG, key).complete(client, request)
-
-    return asyncio.run(go())
-
-
-def fail(handler: Handler, request: ChatRequest = REQUEST) -> errors.ProviderError:
-    """The taxonomy error ``handler`` provokes; the provider key must never be part of it (SPEC §9)."""
-    with pytest.raises(errors.ProviderError) as info:
-        call(handler, request)
-    exc = info.value
-    for rendered in (str(exc), exc.message, repr(exc), orjson.dumps(exc.to_dict()).decode()):
-        assert KEY not in rendered
-    return exc
-
-
-def sent_bodies(request: ChatRequest) -> list[dict[str, Any]]:
-    seen: list[dict[str, Any]] = []
-
-    def handler(http_request: httpx.Request) -> httpx.Response:
-        seen.append(orjson.loads(http_request.content))
-        return httpx.Response(200, json=message())
-
-    call(handler, request)
-    return seen
+KIT = WireKit(AnthropicProvider, CONFIG, KEY, REQUEST, message)
+call = KIT.call
+fail = KIT.fail
+sent_bodies = KIT.sent_bodies
 
 
 def rfc3339(seconds_from_now: float) -> str:
@@ -116,15 +78,8 @@ def rfc3339(seconds_from_now: float) -> str:
 
 
 def test_request_is_a_keyed_post_to_v1_messages_with_the_documented_body() -> None:
-    seen: list[httpx.Request] = []
+    (request,) = KIT.sent()
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=message())
-
-    call(handler)
-
-    (request,) = seen
     assert request.method == "POST"
     assert str(request.url) == "https://api.anthropic.test/v1/messages"
     assert request.headers["x-api-key"] == KEY
@@ -190,11 +145,7 @@ def test_system_messages_are_joined_and_same_role_messages_merged_to_alternate()
     ids=["assistant-first", "system-only", "unknown-role"],
 )
 def test_requests_anthropic_would_refuse_fail_before_any_call(messages: tuple[dict[str, str], ...]) -> None:
-    calls: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        return httpx.Response(200, json=message())
+    handler, calls = KIT.recorder()
 
     exc = fail(handler, ChatRequest(model="claude-3-5-haiku-latest", messages=messages))
 
@@ -204,13 +155,7 @@ def test_requests_anthropic_would_refuse_fail_before_any_call(messages: tuple[di
 
 
 def test_no_key_sends_no_x_api_key_header() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=message())
-
-    call(handler, key=None)
+    seen = KIT.sent(key=None)
 
     assert "x-api-key" not in seen[0].headers
     assert seen[0].headers["anthropic-version"] == "2023-06-01"
@@ -298,10 +243,7 @@ def test_malformed_answer_is_bad_response(body: Any) -> None:
 
 
 def test_non_json_200_is_bad_response() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, text='{"id": "msg_1", "content": [{"type": "te')
-
-    exc = fail(handler)
+    exc = fail(page(200, '{"id": "msg_1", "content": [{"type": "te'))
 
     assert exc.category == "bad_response"
     assert exc.status == 200
@@ -375,11 +317,8 @@ def test_error_type_wins_over_status() -> None:
     [(413, "invalid_request"), (502, "server"), (503, "overloaded"), (529, "overloaded"), (401, "auth")],
 )
 def test_error_without_an_anthropic_body_is_mapped_by_status(status: int, category: str) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        # A Cloudflare or proxy page (Anthropic's 413 comes from Cloudflare), not Anthropic's JSON.
-        return httpx.Response(status, text=f"<html><center><h1>{status}</h1></center></html>")
-
-    exc = fail(handler)
+    # A Cloudflare or proxy page (Anthropic's 413 comes from Cloudflare), not Anthropic's JSON.
+    exc = fail(page(status, f"<html><center><h1>{status}</h1></center></html>"))
 
     assert exc.category == category
     assert exc.message == f"HTTP {status}"

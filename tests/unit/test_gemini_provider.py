@@ -3,11 +3,8 @@ parsing, safety blocks, and every status/header/body mapped into the one error t
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
@@ -15,9 +12,9 @@ from shared.providers import errors
 from shared.providers.base import ChatRequest, ChatResult
 from shared.providers.config import ProviderConfig
 from shared.providers.gemini import GeminiProvider, retry_info_delay
-from tests.leaks import remember_secret
+from tests.providerkit import MESSAGES, WireKit, page, reply
 
-KEY = remember_secret("AIzaSyTest-9f8e7d6c5b4a3f2e1d0c")
+KEY = "AIzaSyTest-9f8e7d6c5b4a3f2e1d0c"
 CONFIG = ProviderConfig(
     name="google",
     api="gemini",
@@ -25,13 +22,7 @@ CONFIG = ProviderConfig(
     api_key_env="GEMINI_API_KEY",
     timeout_s=5.0,
 )
-MESSAGES = (
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "What is the capital of France?"},
-)
 REQUEST = ChatRequest(model="gemini-2.0-flash", messages=MESSAGES, max_tokens=256, temperature=0.2)
-
-Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def response(
@@ -103,55 +94,18 @@ RATE_LIMIT = error_body(
 )
 
 
-def reply(status: int, body: Any = None, headers: dict[str, str] | None = None) -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, json=body, headers=headers)
-
-    return handler
-
-
-def call(handler: Handler, request: ChatRequest = REQUEST, *, key: str | None = KEY) -> ChatResult:
-    async def go() -> ChatResult:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            return await GeminiProvider(CONFIG, key).complete(client, request)
-
-    return asyncio.run(go())
-
-
-def fail(handler: Handler, request: ChatRequest = REQUEST) -> errors.ProviderError:
-    """The taxonomy error ``handler`` provokes; the provider key must never be part of it (SPEC §9)."""
-    with pytest.raises(errors.ProviderError) as info:
-        call(handler, request)
-    exc = info.value
-    for rendered in (str(exc), exc.message, repr(exc), orjson.dumps(exc.to_dict()).decode()):
-        assert KEY not in rendered
-    return exc
-
-
-def sent_bodies(request: ChatRequest) -> list[dict[str, Any]]:
-    seen: list[dict[str, Any]] = []
-
-    def handler(http_request: httpx.Request) -> httpx.Response:
-        seen.append(orjson.loads(http_request.content))
-        return httpx.Response(200, json=response())
-
-    call(handler, request)
-    return seen
+KIT = WireKit(GeminiProvider, CONFIG, KEY, REQUEST, response)
+call = KIT.call
+fail = KIT.fail
+sent_bodies = KIT.sent_bodies
 
 
 # -- requests -----------------------------------------------------------------------------------
 
 
 def test_request_is_a_keyed_post_to_generate_content_with_the_documented_body() -> None:
-    seen: list[httpx.Request] = []
+    (request,) = KIT.sent()
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=response())
-
-    call(handler)
-
-    (request,) = seen
     assert request.method == "POST"
     assert str(request.url) == (
         "https://generativelanguage.googleapis.test/v1beta/models/gemini-2.0-flash:generateContent"
@@ -202,13 +156,7 @@ def test_assistant_becomes_model_systems_are_joined_and_same_role_messages_merge
 
 
 def test_model_name_is_escaped_as_a_path_segment() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=response())
-
-    call(handler, ChatRequest(model="tuned/odd name?", messages=MESSAGES))
+    seen = KIT.sent(ChatRequest(model="tuned/odd name?", messages=MESSAGES))
 
     assert seen[0].url.raw_path == b"/v1beta/models/tuned%2Fodd%20name%3F:generateContent"
 
@@ -219,11 +167,7 @@ def test_model_name_is_escaped_as_a_path_segment() -> None:
     ids=["system-only", "unknown-role"],
 )
 def test_requests_gemini_would_refuse_fail_before_any_call(messages: tuple[dict[str, str], ...]) -> None:
-    calls: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        return httpx.Response(200, json=response())
+    handler, calls = KIT.recorder()
 
     exc = fail(handler, ChatRequest(model="gemini-2.0-flash", messages=messages))
 
@@ -232,13 +176,7 @@ def test_requests_gemini_would_refuse_fail_before_any_call(messages: tuple[dict[
 
 
 def test_no_key_sends_no_key_header() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=response())
-
-    call(handler, key=None)
+    seen = KIT.sent(key=None)
 
     assert "x-goog-api-key" not in seen[0].headers
 
@@ -355,10 +293,7 @@ def test_empty_or_malformed_answer_is_bad_response(body: Any) -> None:
 
 
 def test_non_json_200_is_bad_response() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, text='{"candidates": [{"content": {"parts": [{"text": "Par')
-
-    exc = fail(handler)
+    exc = fail(page(200, '{"candidates": [{"content": {"parts": [{"text": "Par'))
 
     assert exc.category == "bad_response"
     assert exc.status == 200
@@ -471,10 +406,7 @@ def test_grpc_status_wins_over_http_status() -> None:
     ("status", "category"), [(502, "server"), (503, "overloaded"), (413, "invalid_request")]
 )
 def test_error_without_a_google_body_is_mapped_by_status(status: int, category: str) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, text="<html><title>Error</title></html>")
-
-    exc = fail(handler)
+    exc = fail(page(status, "<html><title>Error</title></html>"))
 
     assert exc.category == category
     assert exc.message == f"HTTP {status}"

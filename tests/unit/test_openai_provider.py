@@ -4,7 +4,6 @@ parsing, and every status/header/body mapped into the one error taxonomy. No net
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
@@ -15,9 +14,9 @@ from shared.providers import errors
 from shared.providers.base import ChatRequest, ChatResult
 from shared.providers.config import ProviderConfig
 from shared.providers.openai import OpenAIProvider, _reset_seconds
-from tests.leaks import remember_secret
+from tests.providerkit import MESSAGES, WireKit, page, raising, reply
 
-KEY = remember_secret("sk-test-9f8e7d6c5b4a3f2e1d0c")
+KEY = "sk-test-9f8e7d6c5b4a3f2e1d0c"
 CONFIG = ProviderConfig(
     name="openai",
     api="openai",
@@ -25,15 +24,7 @@ CONFIG = ProviderConfig(
     api_key_env="OPENAI_API_KEY",
     timeout_s=5.0,
 )
-MESSAGES = (
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "What is the capital of France?"},
-)
 REQUEST = ChatRequest(model="gpt-4o-mini", messages=MESSAGES, max_tokens=256, temperature=0.2)
-
-Handler = (
-    Callable[[httpx.Request], httpx.Response] | Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
-)
 
 
 def completion(
@@ -78,50 +69,18 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def reply(status: int, body: Any = None, headers: dict[str, str] | None = None) -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, json=body, headers=headers)
-
-    return handler
-
-
-def call(
-    handler: Handler,
-    request: ChatRequest = REQUEST,
-    *,
-    config: ProviderConfig = CONFIG,
-    key: str | None = KEY,
-) -> ChatResult:
-    async def go() -> ChatResult:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            return await OpenAIProvider(config, key).complete(client, request)
-
-    return asyncio.run(go())
-
-
-def fail(handler: Handler, **kwargs: Any) -> errors.ProviderError:
-    """The taxonomy error ``handler`` provokes; the provider key must never be part of it (SPEC §9)."""
-    with pytest.raises(errors.ProviderError) as info:
-        call(handler, **kwargs)
-    exc = info.value
-    for text in (str(exc), exc.message, repr(exc), orjson.dumps(exc.to_dict()).decode()):
-        assert KEY not in text
-    return exc
+KIT = WireKit(OpenAIProvider, CONFIG, KEY, REQUEST, completion)
+call = KIT.call
+fail = KIT.fail
+sent_bodies = KIT.sent_bodies
 
 
 # -- requests -----------------------------------------------------------------------------------
 
 
 def test_request_is_a_bearer_post_to_chat_completions_with_the_documented_body() -> None:
-    seen: list[httpx.Request] = []
+    (request,) = KIT.sent()
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=completion())
-
-    call(handler)
-
-    (request,) = seen
     assert request.method == "POST"
     assert str(request.url) == "https://api.openai.test/v1/chat/completions"
     assert request.headers["authorization"] == f"Bearer {KEY}"
@@ -138,38 +97,20 @@ def test_request_is_a_bearer_post_to_chat_completions_with_the_documented_body()
 
 
 def test_max_tokens_and_temperature_are_omitted_when_none() -> None:
-    seen: list[dict[str, Any]] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(orjson.loads(request.content))
-        return httpx.Response(200, json=completion())
-
-    call(handler, ChatRequest(model="gpt-4o", messages=MESSAGES[1:]))
+    seen = sent_bodies(ChatRequest(model="gpt-4o", messages=MESSAGES[1:]))
 
     assert seen == [{"model": "gpt-4o", "messages": [dict(MESSAGES[1])]}]
 
 
 def test_temperature_zero_is_sent_not_dropped() -> None:
-    seen: list[dict[str, Any]] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(orjson.loads(request.content))
-        return httpx.Response(200, json=completion())
-
-    call(handler, ChatRequest(model="gpt-4o", messages=MESSAGES, max_tokens=None, temperature=0.0))
+    seen = sent_bodies(ChatRequest(model="gpt-4o", messages=MESSAGES, max_tokens=None, temperature=0.0))
 
     assert seen[0]["temperature"] == 0.0
     assert "max_tokens" not in seen[0]
 
 
 def test_no_key_sends_no_authorization_header() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=completion())
-
-    call(handler, key=None)
+    seen = KIT.sent(key=None)
 
     assert "authorization" not in seen[0].headers
 
@@ -220,20 +161,14 @@ def test_empty_content_is_bad_response(content: str | None) -> None:
 
 
 def test_non_json_200_is_bad_response() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, text="<html><body>upstream gateway</body></html>")
-
-    exc = fail(handler)
+    exc = fail(page(200, "<html><body>upstream gateway</body></html>"))
 
     assert exc.category == "bad_response"
     assert exc.status == 200
 
 
 def test_empty_200_body_is_bad_response() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200)
-
-    assert fail(handler).category == "bad_response"
+    assert fail(page(200)).category == "bad_response"
 
 
 @pytest.mark.parametrize(
@@ -428,10 +363,7 @@ def test_503_carries_its_retry_after() -> None:
 
 
 def test_non_json_error_page_is_mapped_by_status() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(500, text="<html><h1>500 Internal Server Error</h1></html>")
-
-    exc = fail(handler)
+    exc = fail(page(500, "<html><h1>500 Internal Server Error</h1></html>"))
 
     assert exc.category == "server"
     assert exc.message == "HTTP 500"
@@ -456,10 +388,7 @@ def test_error_echoing_the_key_does_not_leak_it() -> None:
 
 
 def test_connection_error_is_network() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
-
-    exc = fail(handler)
+    exc = fail(raising(httpx.ConnectError, "[Errno 111] Connection refused"))
 
     assert isinstance(exc, errors.NetworkError)
     assert exc.category == "network"
@@ -468,17 +397,11 @@ def test_connection_error_is_network() -> None:
 
 
 def test_read_error_is_network() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadError("connection reset by peer", request=request)
-
-    assert fail(handler).category == "network"
+    assert fail(raising(httpx.ReadError, "connection reset by peer")).category == "network"
 
 
 def test_transport_timeout_is_timeout() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("timed out", request=request)
-
-    exc = fail(handler)
+    exc = fail(raising(httpx.ReadTimeout, "timed out"))
 
     assert isinstance(exc, errors.Timeout)
     assert exc.category == "timeout"
