@@ -8,7 +8,8 @@ reads its layout; everyone else calls that module (admin views included).
 | key | type | owner |
 | --- | --- | --- |
 | ``{ns}:{queue}``, ``{ns}:{queue}.msgs`` | list, hash | dramatiq's Redis layout (``shared/queue``) |
-| ``{ns}:{queue}.DQ``, ``{ns}:{queue}.XQ`` | sorted sets | dramatiq: delayed, dead-lettered |
+| ``{ns}:{queue}.DQ`` (+ ``.msgs``) | list, hash | dramatiq: the delay queue, a queue of its own |
+| ``{ns}:{queue}.XQ`` | sorted set | dramatiq: dead-lettered |
 | ``{ns}:workers``, ``{ns}:workers:since`` | sorted set, string | ``shared/liveness.py`` |
 | ``{ns}:breaker:{provider}`` (+ ``:probe``) | hash, string | ``shared/providers/breaker.py`` |
 | ``{ns}:ratelimit:{provider}:rpm`` / ``:tpm`` | string (GCRA) | ``shared/providers/ratelimit.py`` |
@@ -16,6 +17,8 @@ reads its layout; everyone else calls that module (admin views included).
 | ``{ns}:quota:{tenant}:{day}`` | string | ``shared/quota.py`` |
 | ``{ns}:metrics``, ``{ns}:{counter}:{minute}`` | hash, string | ``shared/metrics.py`` |
 | ``{ns}:scheduler:leader`` | string | ``scheduler/leader.py`` |
+| ``{ns}:progress:{batch}:{stage}``, ``{ns}:progress-changed:{batch}`` | set, pub/sub channel | ``shared/progress.py`` |
+| ``{ns}:dashboard-session:{sha256}`` | string | ``shared/dashboard_sessions.py`` |
 """
 
 from __future__ import annotations
@@ -35,10 +38,6 @@ def queue_messages(ns: str, name: str) -> str:
 
 def delayed_queue_name(name: str) -> str:
     return f"{name}.DQ"
-
-
-def delayed(ns: str, name: str) -> str:
-    return f"{ns}:{delayed_queue_name(name)}"
 
 
 def dead_lettered(ns: str, name: str) -> str:
@@ -92,3 +91,15 @@ def minute_counter(ns: str, name: str, minute: int) -> str:
 
 def scheduler_leader(ns: str) -> str:
     return f"{ns}:scheduler:leader"
+
+
+def progress_stage(ns: str, batch_id: str, stage: str) -> str:
+    return f"{ns}:progress:{batch_id}:{stage}"
+
+
+def progress_changed(ns: str, batch_id: str) -> str:
+    return f"{ns}:progress-changed:{batch_id}"
+
+
+def dashboard_session(ns: str, token_sha256: str) -> str:
+    return f"{ns}:dashboard-session:{token_sha256}"

@@ -43,7 +43,9 @@ def queue_stats(broker: RedisBroker) -> list[QueueStats]:
     pipe = broker.client.pipeline(transaction=False)
     for p in PRIORITIES:
         pipe.llen(keys.queue(ns, p))
-        pipe.zcard(keys.delayed(ns, p))
+        # A delay queue is a queue of its own in dramatiq's layout: its stored messages are
+        # every delayed one, waiting or held by the consumer that releases them when due.
+        pipe.hlen(keys.queue_messages(ns, keys.delayed_queue_name(p)))
         pipe.zcard(keys.dead_lettered(ns, p))
         pipe.hlen(keys.queue_messages(ns, p))
     results = pipe.execute()

@@ -586,13 +586,6 @@ def test_admin_queues_read_the_known_state_of_each_queue(admin_view: AdminView, 
         broker.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=redis.ResponseError,
-    reason="api/routes/admin.py counts the delay queue with ZCARD, but dramatiq's '<queue>.DQ' is a "
-    "list: any delayed message (a circuit or database requeue) makes /v1/admin/queues fail "
-    "(WRONGTYPE). Remove this mark with the fix.",
-)
 def test_admin_queues_count_delayed_messages(admin_view: AdminView, redis_url: str) -> None:
     broker = RedisBroker(url=redis_url, namespace=admin_view.namespace, middleware=[])
     for queue in QUEUES:
