@@ -13,16 +13,12 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.ratelimit import SlidingWindow
+from api.ratelimit import AUTH_FAILURES, SlidingWindow
 from shared.errors import Forbidden, RateLimited, Unauthorized
 from shared.metrics import MetricsBuffer
 from shared.providers.config import Catalog
 from shared.settings import Settings
 from shared.tenants import Principal, authenticate
-
-# An authentication failure weighs this many requests in the caller's per-IP window: guessing
-# keys is throttled long before ordinary traffic from the same address is.
-AUTH_FAILURE_COST = 20
 
 
 @dataclass
@@ -82,17 +78,17 @@ def get_principal(
             principal = authenticate(session, _bearer(request))
     except Unauthorized:
         if state.limiter is not None:
-            ip = request.scope.get("state", {}).get("client_ip", "unknown")
+            scope_state = request.scope.setdefault("state", {})
+            ip = scope_state.get("client_ip", "unknown")
             try:
-                verdict = state.limiter.hit(
-                    "ip", ip, state.settings.ip_requests_per_minute, cost=AUTH_FAILURE_COST
-                )
+                verdict = state.limiter.hit(AUTH_FAILURES, ip, state.settings.auth_failures_per_minute)
             except RedisError:
                 raise Unauthorized("invalid API key") from None
             if not verdict.admitted:
-                # Guessing keys: once the address's budget cannot pay for another failure, it waits.
+                # Guessing keys: this address waits, but only its requests whose key fails.
                 if state.metrics is not None:
-                    state.metrics.inc("rate_limit_rejections", "ip")
+                    state.metrics.inc("rate_limit_rejections", AUTH_FAILURES)
+                scope_state["ratelimit"] = verdict
                 raise RateLimited(
                     "too many failed authentications from this address", retry_after=max(1, verdict.reset_s)
                 ) from None

@@ -2,6 +2,12 @@
 
 A window is a sorted set of request timestamps: one atomic Lua call trims it, counts, and admits
 or refuses. Exact (no fixed-window edge bursts): any 60 s holds at most ``limit`` requests.
+
+Windows by kind: ``key`` (per API key, the tier's limit), ``ip`` (every request from an address)
+and ``auth_failures`` (failed authentications from an address). The last is charged and checked
+only for a request whose key did not authenticate, so a client guessing or mistyping keys is
+throttled on its own: requests that carry a valid key from the same address (a NAT, a proxy, a
+CI runner) are never refused for it, and failures cost the general ``ip`` budget nothing extra.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from redis.exceptions import RedisError
 from shared import keys
 
 WINDOW_MS = 60_000
+AUTH_FAILURES = "auth_failures"
 
 # KEYS[1] = window. ARGV: now_ms, window_ms, limit, cost, member.
 # Returns {admitted (0/1), used, ms until the oldest entry leaves the window}.

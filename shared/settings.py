@@ -97,8 +97,10 @@ class Settings(BaseSettings):
 
     # Limits per tier (JSON in CONCLAVE_TIERS); each tenant may override fields.
     tiers: dict[str, TierLimits] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
-    # Per client IP, all requests (authentication failures count double); and what to trust for the IP.
+    # Per client IP, all requests; and what to trust for the IP.
     ip_requests_per_minute: int = Field(default=1200, ge=1)
+    # Failed authentications per client IP; past it, only requests whose key fails get 429.
+    auth_failures_per_minute: int = Field(default=60, ge=1)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     rate_limits_enabled: bool = True
 

@@ -214,8 +214,9 @@ def settings(
         sim_provider_url=sim_server.url,
         providers_file=tmp_path_factory.mktemp("cfg") / "absent-providers.toml",
         environment="test",
-        # Every test request comes from 127.0.0.1: the per-IP limit is tested on its own.
+        # Every test request comes from 127.0.0.1: the per-IP limits are tested on their own.
         ip_requests_per_minute=1_000_000,
+        auth_failures_per_minute=1_000_000,
         _env_file=None,  # type: ignore[call-arg]
     )
 
@@ -233,6 +234,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         # Test receivers listen on 127.0.0.1; refusal of private addresses is tested in-process.
         "CONCLAVE_WEBHOOK_ALLOW_PRIVATE": "true",
         "CONCLAVE_IP_REQUESTS_PER_MINUTE": str(settings.ip_requests_per_minute),
+        "CONCLAVE_AUTH_FAILURES_PER_MINUTE": str(settings.auth_failures_per_minute),
         # Several stacks run at once against one PostgreSQL (max_connections 100): keep each
         # process to 8 connections.
         "CONCLAVE_DB_POOL_SIZE": "4",
