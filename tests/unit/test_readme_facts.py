@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from shared.liveness import DEAD_AFTER_S, HEARTBEAT_S
 from shared.settings import Settings
-from workers.heartbeat import DEAD_AFTER_S, HEARTBEAT_S
 
 README = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
 
