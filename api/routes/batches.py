@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import orjson
 from fastapi import APIRouter, Header, Query
@@ -17,6 +15,7 @@ from api.deps import PrincipalDep, SessionDep, StateDep, WriterDep
 from api.responses import ERROR_RESPONSES, JSONBytes, list_page
 from api.schemas import BatchList, BatchObject
 from shared.batches import read, service
+from shared.batches.csv_results import csv_lines
 from shared.batches.results import iter_results
 from shared.lifecycle.statuses import BatchStatus, QueryStatus
 from shared.schemas import BatchCreate
@@ -83,45 +82,6 @@ def cancel_batch(batch_id: str, state: StateDep, principal: WriterDep) -> JSONBy
     return JSONBytes(read.batch_object(batch, counts))
 
 
-CSV_FIELDS = (
-    "custom_id",
-    "query_id",
-    "status",
-    "answer",
-    "error_type",
-    "error_message",
-    "synthesis",
-    "members",
-    "aggregate_ranking",
-    "citations",
-    "input_tokens",
-    "output_tokens",
-    "cost_usd",
-    "latency_ms",
-)
-
-
-def _csv_row(record: dict[str, Any]) -> list[Any]:
-    error = record.get("error") or {}
-    usage = record["usage"]
-    return [
-        record["custom_id"],
-        record["query_id"],
-        record["status"],
-        record.get("answer") or "",
-        error.get("type", ""),
-        error.get("message", ""),
-        record.get("synthesis") or "",
-        orjson.dumps(record["members"]).decode(),
-        orjson.dumps(record["aggregate_ranking"]).decode(),
-        orjson.dumps(record["citations"]).decode(),
-        usage["input_tokens"],
-        usage["output_tokens"],
-        record["cost_usd"],
-        record.get("latency_ms") if record.get("latency_ms") is not None else "",
-    ]
-
-
 def _chunked(lines: Iterator[bytes], size: int = 64 * 1024) -> Iterator[bytes]:
     buf: list[bytes] = []
     n = 0
@@ -152,20 +112,7 @@ def batch_results(
     batch = read.get_batch(session, principal.tenant_id, batch_id)
     records = iter_results(state.sessions, batch.id, status=status, include_stages=include == "stages")
     if format == "csv":
-
-        def csv_lines() -> Iterator[bytes]:
-            out = io.StringIO()
-            writer = csv.writer(out)
-            writer.writerow(CSV_FIELDS)
-            for record in records:
-                writer.writerow(_csv_row(record))
-                yield out.getvalue().encode()
-                out.seek(0)
-                out.truncate()
-            if out.tell():
-                yield out.getvalue().encode()
-
-        body = _chunked(csv_lines())
+        body = _chunked(csv_lines(records))
         media = "text/csv"
     else:
         body = _chunked(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
