@@ -79,6 +79,8 @@ class Batch(SQLModel, table=True):
     total: int
     idempotency_key: str | None = Field(default=None, max_length=255)
     request_hash: str | None = Field(default=None, max_length=64)
+    # The creating request's trace context (W3C carrier): every query's trace links to it.
+    trace: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
 
     created_at: int
     in_progress_at: int | None = None
@@ -112,6 +114,9 @@ class Query(SQLModel, table=True):
     worker_id: str | None = Field(default=None, max_length=64)
     lease_expires_at: int | None = None
     attempts: int = 0
+    # Runs that only waited out an open circuit (they sent nothing): not counted against
+    # CONCLAVE_QUERY_MAX_RUNS.
+    circuit_waits: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     enqueued_at: int | None = None
     started_at: int | None = None
     finished_at: int | None = None
@@ -133,6 +138,10 @@ class ProviderCall(SQLModel, table=True):
     __table_args__ = (Index("ix_provider_calls_tenant_created", "tenant_id", "created_at"),)
 
     id: int | None = Field(default=None, primary_key=True)
+    # Written before the request is sent (status in_flight) and completed by this key, so a call
+    # whose worker died is still in the ledger (then marked abandoned).
+    call_key: str | None = Field(default=None, max_length=40, unique=True, index=True)
+    worker_id: str | None = Field(default=None, max_length=64, index=True)
     query_id: str = Field(max_length=40, index=True)
     batch_id: str = Field(max_length=40, index=True)
     tenant_id: str = Field(max_length=40)
@@ -146,6 +155,19 @@ class ProviderCall(SQLModel, table=True):
     output_tokens: int = 0
     cost_usd: float = 0.0
     created_at: int
+
+
+class BatchUsage(SQLModel, table=True):
+    """A batch's totals, kept with the ledger: every change to a call row of the batch changes
+    these in the same transaction, so they equal the ledger's sums exactly (SPEC §5.3, §17)."""
+
+    __tablename__ = "batch_usage"
+
+    batch_id: str = Field(primary_key=True, max_length=40)
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
 
 
 class WebhookEndpoint(SQLModel, table=True):
@@ -295,5 +317,6 @@ QUERIES: Table = Query.__table__  # type: ignore[attr-defined]
 BATCHES: Table = Batch.__table__  # type: ignore[attr-defined]
 PROVIDER_CALLS: Table = ProviderCall.__table__  # type: ignore[attr-defined]
 DELIVERIES: Table = WebhookDelivery.__table__  # type: ignore[attr-defined]
+BATCH_USAGE: Table = BatchUsage.__table__  # type: ignore[attr-defined]
 FILES: Table = StoredFile.__table__  # type: ignore[attr-defined]
 FILE_CHUNKS: Table = FileChunk.__table__  # type: ignore[attr-defined]
