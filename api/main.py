@@ -9,11 +9,12 @@ from __future__ import annotations
 from fastapi import FastAPI
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
+from api import dashboard
 from api.deps import AppState
 from api.errors import install_error_handlers
 from api.middleware import Guards
 from api.ratelimit import SlidingWindow
-from api.routes import admin, batches, health, keys, knowledge, metrics, queries, usage, webhooks
+from api.routes import admin, batches, events, health, keys, knowledge, metrics, queries, usage, webhooks
 from shared.db import make_engine, make_sessionmaker
 from shared.logs import configure_logging
 from shared.metrics import MetricsBuffer
@@ -52,4 +53,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (health, metrics, batches, queries, webhooks, usage, keys, knowledge, admin):
         app.include_router(module.router)
+    app.include_router(events.router)
+    app.include_router(dashboard.router)
     return app

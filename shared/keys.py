@@ -17,7 +17,8 @@ reads its layout; everyone else calls that module (admin views included).
 | ``{ns}:quota:{tenant}:{day}`` | string | ``shared/quota.py`` |
 | ``{ns}:metrics``, ``{ns}:{counter}:{minute}`` | hash, string | ``shared/metrics.py`` |
 | ``{ns}:scheduler:leader`` | string | ``scheduler/leader.py`` |
-| ``{ns}:progress:{batch}:{stage}``, ``{ns}:progress-changed:{batch}`` | set, pub/sub channel | ``shared/progress.py`` |
+| ``{ns}:progress:{batch}:{stage}`` | set | ``shared/progress.py`` |
+| ``{ns}:progress-changed:{batch}`` | pub/sub channel | ``shared/progress.py`` |
 | ``{ns}:dashboard-session:{sha256}`` | string | ``shared/dashboard_sessions.py`` |
 """
 

@@ -32,6 +32,7 @@ from shared.lifecycle.transitions import (
     record_outcomes,
 )
 from shared.metrics import MetricsBuffer
+from shared.progress import ProgressBuffer
 from shared.providers.config import Catalog, load_catalog
 from shared.providers.http import make_client
 from shared.providers.registry import build_providers
@@ -62,6 +63,7 @@ class WorkerContext:
     worker_id: str
     write_backoff_s: float = WRITE_BACKOFF_S
     batch_cache_size: int = 1024
+    progress: ProgressBuffer | None = None  # per-stage marks for the batch event streams
     _batches: OrderedDict[str, BatchConfig] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -72,6 +74,8 @@ class WorkerContext:
     def close(self) -> None:
         self.claims.close()
         self.outcomes.close()
+        if self.progress is not None:
+            self.progress.stop()
 
     def _claim(self, query_ids: Sequence[str]) -> list[ClaimedQuery | None]:
         now = int(time.time())
@@ -157,6 +161,7 @@ def build_context(
     sessions: sessionmaker[Session] | None = None,
     catalog: Catalog | None = None,
     runner_factory: Callable[[Settings, Catalog], Runner] = build_runner,
+    progress: ProgressBuffer | None = None,
 ) -> WorkerContext:
     catalog = catalog or load_catalog(settings.providers_file, settings.sim_provider_url)
     return WorkerContext(
@@ -168,4 +173,6 @@ def build_context(
         runner=runner_factory(settings, catalog),
         metrics=metrics or MetricsBuffer(redis.Redis.from_url(settings.redis_url), settings.queue_namespace),
         worker_id=worker_id,
+        progress=progress
+        or ProgressBuffer(redis.Redis.from_url(settings.redis_url), settings.queue_namespace).start(),
     )

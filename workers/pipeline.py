@@ -38,6 +38,7 @@ from shared.ledger import CallRecord
 from shared.lifecycle.statuses import CallStatus, QueryStatus
 from shared.lifecycle.transitions import ClaimedQuery, Outcome
 from shared.logs import query_context
+from shared.progress import StageCalls
 from shared.queue.contract import ACTOR_NAMES, ACTOR_PRIORITY
 from shared.settings import PRIORITIES
 from shared.tracing import extract, tracer
@@ -139,7 +140,9 @@ def prepare(ctx: WorkerContext, claimed: ClaimedQuery) -> Prepared:
 
 def run(ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared) -> Ran:
     started = time.perf_counter()
-    calls: list[CallRecord] = []
+    calls: list[CallRecord] = (
+        StageCalls(ctx.progress, claimed.batch_id, claimed.id) if ctx.progress is not None else []
+    )
     status: str
     record: dict[str, Any] | None
     try:
@@ -194,6 +197,8 @@ def settle(
                 ctx.broker.enqueue(message.copy(), delay=requeue_in * 1000)
         return
     record_metrics(ctx, ran.calls, ran.status)
+    if written and ctx.progress is not None:
+        ctx.progress.finished(claimed.batch_id, claimed.id)
     span.set_attribute("conclave.status", ran.status)
     record_call_spans(span, ran.calls)
     if not written:

@@ -1,0 +1,137 @@
+"""What the dashboard's pages read and do, behind the session cookie: JSON views, the event
+stream, the results download and cancel.
+
+Each route is another view of the JSON API's read model: the batch object and its stage counts
+(``shared.batches``, ``shared.progress``), the same event stream as ``/v1/batches/{id}/events``,
+the same results and cancel services, the same operator read functions as ``/v1/admin/*``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import StreamingResponse
+
+from api.dashboard.auth import SameOrigin, SessionOperator, SessionPrincipal, SessionWriter
+from api.deps import SessionDep, StateDep
+from api.responses import JSONBytes
+from api.routes import batches as batch_routes
+from api.streams import open_stream
+from shared import insights, progress
+from shared.batches import read, service
+from shared.ledger import LATENCY_WINDOW_S, recent_latencies
+from shared.liveness import alive_workers
+from shared.metrics import recent_counts
+from shared.providers.breaker import read_circuit
+from shared.providers.ratelimit import headroom
+from shared.queue.inspect import queue_stats
+
+router = APIRouter(prefix="/dashboard", include_in_schema=False)
+
+MODELS_WINDOW_S = 24 * 3600
+
+
+def batch_view(state: Any, session: Any, rows: list[Any]) -> list[dict[str, Any]]:
+    """Batch objects with their progress document, stage counts read in one round trip."""
+    counts = read.counts_for(session, [b.id for b in rows])
+    sets = progress.read_stage_sets_many(
+        state.broker.client, state.settings.queue_namespace, [b.id for b in rows]
+    )
+    out = []
+    for b in rows:
+        obj = read.batch_object(b, counts[b.id])
+        obj["progress"] = progress.progress_document(obj, progress.stage_counts(sets[b.id], obj))
+        out.append(obj)
+    return out
+
+
+@router.get("/data/batches")
+def data_batches(state: StateDep, session: SessionDep, principal: SessionPrincipal) -> JSONBytes:
+    rows, has_more = read.list_batches(session, principal.tenant_id, limit=20, after=None, status=None)
+    return JSONBytes({"object": "list", "data": batch_view(state, session, rows), "has_more": has_more})
+
+
+@router.get("/data/batches/{batch_id}")
+def data_batch(batch_id: str, state: StateDep, session: SessionDep, principal: SessionPrincipal) -> JSONBytes:
+    batch = read.get_batch(session, principal.tenant_id, batch_id)
+    (obj,) = batch_view(state, session, [batch])
+    obj["failures_by_type"] = insights.failures_by_type(session, batch.id)
+    obj["members"] = insights.model_figures(session, batch_id=batch.id)
+    return JSONBytes(obj)
+
+
+@router.get("/data/models")
+def data_models(session: SessionDep, principal: SessionPrincipal) -> JSONBytes:
+    since = int(time.time()) - MODELS_WINDOW_S
+    rows = insights.model_figures(session, tenant_id=principal.tenant_id, since=since)
+    return JSONBytes({"object": "list", "data": rows, "window_seconds": MODELS_WINDOW_S})
+
+
+@router.get("/data/operations")
+def data_operations(state: StateDep, session: SessionDep, principal: SessionOperator) -> JSONBytes:
+    """What ``/v1/admin/queues`` and ``/v1/admin/providers`` show, from the same read functions,
+    plus the cost of today (UTC) and the per-minute throughput series for the chart."""
+    client, ns = state.broker.client, state.broker.namespace
+    now = time.time()
+    queues = [asdict(q) for q in queue_stats(state.broker)]
+    latencies = recent_latencies(session, int(now) - LATENCY_WINDOW_S)
+    providers = []
+    for name, cfg in sorted(state.catalog.providers.items()):
+        circuit = read_circuit(client, ns, name, now)
+        recent = sorted(latencies.get(name, []))
+        providers.append(
+            {
+                "provider": name,
+                "circuit": circuit.state,
+                "window_calls": circuit.window_calls,
+                "window_error_rate": circuit.window_error_rate,
+                "latency_p50_ms": insights.quantile(recent, 0.50),
+                "latency_p95_ms": insights.quantile(recent, 0.95),
+                "rpm": cfg.rpm,
+                "rpm_headroom": headroom(client, ns, name, "rpm", cfg.rpm, now) if cfg.rpm else None,
+            }
+        )
+    per_minute = recent_counts(client, ns, "finished", 15)
+    return JSONBytes(
+        {
+            "queues": queues,
+            "workers_alive": len(alive_workers(client, ns)),
+            "queries_in_flight": sum(q["in_flight"] for q in queues),
+            "providers": providers,
+            "cost_today_usd": insights.cost_since(session, int(now) // 86400 * 86400),
+            "finished_per_minute": per_minute,
+            "now": int(now),
+        }
+    )
+
+
+@router.get("/batches/{batch_id}/events")
+async def events(
+    batch_id: str,
+    request: Request,
+    state: StateDep,
+    principal: SessionPrincipal,
+    queries: bool = False,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=256)] = None,
+) -> StreamingResponse:
+    return await open_stream(request, state, principal.tenant_id, batch_id, queries, last_event_id)
+
+
+@router.get("/batches/{batch_id}/results")
+def results(
+    batch_id: str,
+    state: StateDep,
+    session: SessionDep,
+    principal: SessionPrincipal,
+    format: Literal["jsonl", "csv"] = "jsonl",
+) -> StreamingResponse:
+    return batch_routes.batch_results(batch_id, state, session, principal, format=format)
+
+
+@router.post("/batches/{batch_id}/cancel", dependencies=[SameOrigin])
+def cancel(batch_id: str, state: StateDep, principal: SessionWriter) -> JSONBytes:
+    batch, counts = service.cancel_batch(state.sessions, principal.tenant_id, batch_id)
+    return JSONBytes(read.batch_object(batch, counts))

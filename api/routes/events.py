@@ -1,0 +1,37 @@
+"""``GET /v1/batches/{id}/events``: a batch's progress as Server-Sent Events (SPEC §12).
+
+The stream itself (one reader per batch per process, resumable ids) is ``api.streams``; this
+route authenticates, and the dashboard's stream is the same function behind a session cookie.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import StreamingResponse
+
+from api.deps import PrincipalDep, StateDep
+from api.responses import ERROR_RESPONSES
+from api.streams import open_stream
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+@router.get(
+    "/{batch_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
+)
+async def batch_events(
+    batch_id: str,
+    request: Request,
+    state: StateDep,
+    principal: PrincipalDep,
+    queries: bool = False,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=256)] = None,
+) -> StreamingResponse:
+    """``event: progress`` at most once a second and only on change, ``event: query`` per
+    finished query (``?queries=true``), ``event: end`` with the final batch object; every event
+    has an id, and reconnecting with ``Last-Event-ID`` (to any replica) misses nothing."""
+    return await open_stream(request, state, principal.tenant_id, batch_id, queries, last_event_id)
