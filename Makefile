@@ -37,3 +37,12 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.council --queries 2000 --latency-ms 0
 	$(BIN)/python -m benchmarks.council --queries 5000 --latency-ms 2000 --threads 256
 	$(BIN)/python -m benchmarks.priority
+
+# ---- Browser tests (issue 16) --------------------------------------------------------------------
+# The dashboard in headless Debian Chromium (installed by .ci/services, see `services`) through
+# Playwright for Python (in .[dev]; no `playwright install`). `make test` runs them with the rest;
+# this runs only them. Screenshots land in test-artifacts/browser/ (ignored by git).
+.PHONY: test-browser
+test-browser: $(STAMP) services
+	$(BIN)/pytest -q tests/browser
+# ---- end of the browser block ---------------------------------------------------------------------
