@@ -14,7 +14,20 @@ from api.deps import AppState
 from api.errors import install_error_handlers
 from api.middleware import Guards
 from api.ratelimit import SlidingWindow
-from api.routes import admin, batches, events, health, keys, knowledge, metrics, queries, usage, webhooks
+from api.routes import (
+    admin,
+    batches,
+    events,
+    files,
+    health,
+    keys,
+    knowledge,
+    message_batches,
+    metrics,
+    queries,
+    usage,
+    webhooks,
+)
 from shared.db import make_engine, make_sessionmaker
 from shared.logs import configure_logging
 from shared.metrics import MetricsBuffer
@@ -54,5 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, metrics, batches, queries, webhooks, usage, keys, knowledge, admin):
         app.include_router(module.router)
     app.include_router(events.router)
+    app.include_router(files.router)
+    app.include_router(message_batches.router)
     app.include_router(dashboard.router)
     return app

@@ -23,6 +23,7 @@ from scheduler.jobs.webhooks import Dispatcher
 from scheduler.leader import LeaderLock
 from shared import keys
 from shared.db import make_engine, make_sessionmaker, upgrade
+from shared.files.store import purge_expired
 from shared.knowledge.feeds import import_due_feeds
 from shared.logs import configure_logging
 from shared.metrics import MetricsBuffer
@@ -32,7 +33,15 @@ from shared.settings import Settings, get_settings
 log = logging.getLogger("conclave.scheduler")
 
 # Seconds between runs of each job.
-INTERVALS = {"webhooks": 1, "reconcile": 5, "expiry": 10, "budgets": 60, "daily_summary": 300, "feeds": 5}
+INTERVALS = {
+    "webhooks": 1,
+    "reconcile": 5,
+    "expiry": 10,
+    "budgets": 60,
+    "daily_summary": 300,
+    "feeds": 5,
+    "files": 300,
+}
 
 
 def leader_only(lock: LeaderLock, name: str, job: Callable[[], Any]) -> Callable[[], None]:
@@ -64,6 +73,7 @@ def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
         "expiry": lambda: expire_batches(sessions),
         "budgets": lambda: budget_checks(sessions, settings),
         "daily_summary": lambda: daily_summaries(sessions),
+        "files": lambda: purge_expired(sessions),
         "feeds": lambda: import_due_feeds(
             sessions,
             allow_private=settings.webhook_allow_private,

@@ -6,7 +6,7 @@ Field rules that need the configuration or the whole batch (known models, unique
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,12 +44,33 @@ class KnowledgeIn(BaseModel):
 
 
 class BatchCreate(BaseModel):
+    """An inline batch (``queries``), or OpenAI's create body for a file batch (``input_file_id``
+    and ``endpoint``, SPEC §11): one body, so both reach ``POST /v1/batches``."""
+
     model_config = ConfigDict(extra="forbid")
 
-    queries: list[QueryIn] = Field(min_length=1)
+    # Required for an inline batch (admission says so when it is missing); empty for a file batch.
+    queries: list[QueryIn] = Field(default_factory=list, min_length=1)
+    input_file_id: str | None = Field(default=None, min_length=1, max_length=64)
+    endpoint: str | None = Field(default=None, max_length=64)
+    # OpenAI's expiry of the output files; accepted, and files follow CONCLAVE_FILE_EXPIRY_DAYS.
+    output_expires_after: dict[str, Any] | None = None
     priority: Literal["high", "normal", "low"] = "normal"
     council: CouncilIn | None = None
     knowledge: KnowledgeIn | None = None
     webhook_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://[^/?#\s]+")
     metadata: dict[str, str] | None = None
     completion_window: str | None = None
+
+
+class MessageBatchCreate(BaseModel):
+    """Anthropic's Message Batches create body (SPEC §11); each request is checked by
+    ``shared.files.anthropic.parse_requests`` so it reports every problem with its index."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[dict[str, Any]] = Field(min_length=1)
+    # Conclave's own, as on an inline batch.
+    priority: Literal["high", "normal", "low"] = "normal"
+    webhook_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://[^/?#\s]+")
+    metadata: dict[str, str] | None = None

@@ -127,6 +127,8 @@ def prepare(ctx: WorkerContext, claimed: ClaimedQuery) -> Prepared:
         snippets = (
             ground(session, claimed.tenant_id, claimed.request["messages"], knowledge) if knowledge else []
         )
+    # A file batch's line carries its own work (a council, a preset or one model: SPEC §11).
+    council = claimed.request.get("council") or council
     routing = None
     members = council["members"]
     mode = council.get("mode", "council")

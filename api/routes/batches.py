@@ -17,6 +17,7 @@ from api.schemas import BatchList, BatchObject
 from shared.batches import read, service
 from shared.batches.csv_results import csv_lines
 from shared.batches.results import iter_results
+from shared.files import intake
 from shared.lifecycle.statuses import BatchStatus, QueryStatus
 from shared.schemas import BatchCreate
 from shared.tracing import carrier, tracer
@@ -39,8 +40,10 @@ async def create_batch(
     with tracer().start_as_current_span("POST /v1/batches", kind=SpanKind.SERVER) as span:
         span.set_attribute("conclave.tenant_id", principal.tenant_id)
         span.set_attribute("conclave.queries", len(payload.queries))
+        # OpenAI's file batch (input_file_id + endpoint) or an inline one (queries): one service.
+        create = intake.create_file_batch if payload.input_file_id is not None else service.create_batch
         batch, counts, _ = await run_in_threadpool(
-            service.create_batch,
+            create,
             state.sessions,
             state.broker,
             state.catalog,

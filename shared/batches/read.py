@@ -98,7 +98,7 @@ def batch_object(batch: Batch, counts: Counts, now: int | None = None) -> dict[s
     return {
         "id": batch.id,
         "object": "batch",
-        "endpoint": "/v1/council",
+        "endpoint": batch.endpoint,
         "status": batch.status,
         "priority": batch.priority,
         "council": batch.council,
@@ -107,8 +107,9 @@ def batch_object(batch: Batch, counts: Counts, now: int | None = None) -> dict[s
         "metadata": batch.meta,
         "completion_window": batch.completion_window,
         "input_file_id": batch.input_file_id,
-        "output_file_id": None,
-        "error_file_id": None,
+        # Views of the results (shared.files.views): shown the moment the batch has ended.
+        "output_file_id": batch.output_file_id if batch.status in BATCH_TERMINAL else None,
+        "error_file_id": batch.error_file_id if batch.status in BATCH_TERMINAL else None,
         "errors": batch.errors,
         "request_counts": {
             "total": batch.total,

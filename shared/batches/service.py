@@ -8,9 +8,12 @@ go through ``shared/lifecycle``; reads through ``shared/batches/read.py``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from typing import Any, Literal
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 from dramatiq.brokers.redis import RedisBroker
 from redis.exceptions import RedisError
@@ -24,6 +27,7 @@ from shared.batches import admission
 from shared.batches.read import Counts, counts_for, get_batch
 from shared.db import write_transaction
 from shared.errors import Conflict, DependencyDown, InvalidField
+from shared.files.store import create_views, drop_views, new_file_id
 from shared.ids import new_id, new_ids
 from shared.lifecycle.statuses import BatchStatus, QueryStatus
 from shared.lifecycle.transitions import begin_cancel, finalize_if_done
@@ -33,13 +37,33 @@ from shared.queue.contract import query_message
 from shared.queue.enqueue import enqueue_messages
 from shared.quota import Reservation, reserve_daily_quota
 from shared.schemas import BatchCreate
-from shared.settings import Settings, TierLimits, parse_window
+from shared.settings import Priority, Settings, TierLimits, parse_window
 from shared.webhooks.endpoints import check_webhook_url
 
 log = logging.getLogger("conclave.batches")
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- create
+
+# Query rows go to the database this many at a time: a 50,000-line file batch never holds all
+# its rows at once.
+INSERT_PAGE = 5000
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What admission decided about a batch, before any of its queries is stored."""
+
+    priority: Priority
+    council: dict[str, Any]
+    metadata: dict[str, str]
+    window: str
+    window_s: int
+    knowledge: dict[str, Any] | None = None
+    webhook_url: str | None = None
+    endpoint: str = "/v1/council"
+    input_file_id: str | None = None
 
 
 def create_batch(
@@ -60,10 +84,9 @@ def create_batch(
     carries it), saving a read per request; ``"lookup"`` reads it from the tenant."""
     fingerprint = admission.request_fingerprint(payload) if idempotency_key else None
     if idempotency_key:
-        with sessions() as session:
-            existing = _by_idempotency_key(session, tenant_id, idempotency_key)
-            if existing is not None:
-                return _replay(session, existing, fingerprint)
+        replayed = replay(sessions, tenant_id, idempotency_key, fingerprint)
+        if replayed is not None:
+            return replayed
 
     admission.check_queries(payload, settings)
     if limits is not None:
@@ -74,29 +97,71 @@ def create_batch(
         check_webhook_url(
             payload.webhook_url, allow_private=settings.webhook_allow_private, param="webhook_url"
         )
-    admission.check_budget(sessions, settings, tenant_id, budget)
     window = payload.completion_window or settings.default_completion_window
     try:
         window_s = parse_window(window)
     except ValueError as exc:
         raise InvalidField(str(exc), param="completion_window") from exc
+    admitted = Admitted(
+        priority=payload.priority,
+        council=council,
+        metadata=metadata,
+        window=window,
+        window_s=window_s,
+        knowledge=payload.knowledge.model_dump() if payload.knowledge else None,
+        webhook_url=payload.webhook_url,
+    )
+    return submit(
+        sessions,
+        broker,
+        settings,
+        tenant_id=tenant_id,
+        admitted=admitted,
+        requests=[(q.custom_id, _request_doc(q)) for q in payload.queries],
+        total=len(payload.queries),
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+        limits=limits,
+        budget=budget,
+        trace=trace,
+    )
+
+
+def submit(
+    sessions: sessionmaker[Session],
+    broker: RedisBroker,
+    settings: Settings,
+    *,
+    tenant_id: str,
+    admitted: Admitted,
+    requests: Iterable[tuple[str, dict[str, Any]]],
+    total: int,
+    idempotency_key: str | None = None,
+    fingerprint: str | None = None,
+    limits: TierLimits | None = None,
+    budget: float | Literal["lookup"] | None = "lookup",
+    trace: dict[str, str] | None = None,
+) -> tuple[Batch, Counts, bool]:
+    """Store and enqueue an admitted batch's ``total`` queries, ``(custom_id, request doc)`` each,
+    after the budget and the daily quota: the one way in for inline, file and Anthropic batches.
+    A request doc may carry its own ``council`` (a file line's work), which the worker runs."""
+    admission.check_budget(sessions, settings, tenant_id, budget)
     reservation = None
     if limits is not None and limits.queries_per_day is not None:
         reservation = reserve_daily_quota(
-            broker.client, broker.namespace, sessions, tenant_id, len(payload.queries), limits.queries_per_day
+            broker.client, broker.namespace, sessions, tenant_id, total, limits.queries_per_day
         )
     try:
         return _store_and_enqueue(
             sessions,
             broker,
+            settings,
             tenant_id,
-            payload,
+            admitted,
+            requests,
+            total,
             idempotency_key,
             fingerprint,
-            council,
-            metadata,
-            window,
-            window_s,
             trace,
             reservation,
         )
@@ -109,74 +174,66 @@ def create_batch(
 def _store_and_enqueue(
     sessions: sessionmaker[Session],
     broker: RedisBroker,
+    settings: Settings,
     tenant_id: str,
-    payload: BatchCreate,
+    admitted: Admitted,
+    requests: Iterable[tuple[str, dict[str, Any]]],
+    total: int,
     idempotency_key: str | None,
     fingerprint: str | None,
-    council: dict[str, Any],
-    metadata: dict[str, str],
-    window: str,
-    window_s: int,
     trace: dict[str, str] | None,
     reservation: Reservation | None,
 ) -> tuple[Batch, Counts, bool]:
-
     now = int(time.time())
-    batch = Batch(
-        id=new_id("batch"),
-        tenant_id=tenant_id,
-        status=BatchStatus.IN_PROGRESS,
-        priority=payload.priority,
-        council=council,
-        knowledge=payload.knowledge.model_dump() if payload.knowledge else None,
-        webhook_url=payload.webhook_url,
-        meta=metadata,
-        completion_window=window,
-        total=len(payload.queries),
-        idempotency_key=idempotency_key,
-        request_hash=fingerprint,
-        created_at=now,
-        in_progress_at=now,
-        expires_at=now + window_s,
-    )
-    query_ids = new_ids("query", len(payload.queries))
-    rows = [
-        {
-            "id": qid,
-            "batch_id": batch.id,
-            "tenant_id": tenant_id,
-            "seq": i,
-            "custom_id": q.custom_id,
-            "status": QueryStatus.QUEUED,
-            "priority": payload.priority,
-            "request": _request_doc(q),
-            "attempts": 0,
-            "enqueued_at": now,
-            "input_tokens": 0,
-            "output_tokens": 0,
-            "cost_usd": 0.0,
-        }
-        for i, (qid, q) in enumerate(zip(query_ids, payload.queries, strict=True))
-    ]
+    batch = _new_batch(tenant_id, admitted, now, idempotency_key, fingerprint)
+    batch.status, batch.in_progress_at, batch.total = BatchStatus.IN_PROGRESS, now, total
+    # Its output and error files are views of its results (shared.files.views), named now.
+    batch.output_file_id, batch.error_file_id = new_file_id(), new_file_id()
+    query_ids: list[str] = []
     try:
         with write_transaction(sessions) as session:
             # Core inserts: the ORM's unit of work costs more than the statement for one row.
             session.execute(insert(BATCHES), [_batch_row(batch)])
-            session.execute(insert(QUERIES), rows)
+            create_views(session, batch, expires_at=batch.expires_at + settings.file_expiry_days * 86400)
+            for page in _pages(requests, INSERT_PAGE):
+                ids = new_ids("query", len(page))
+                session.execute(
+                    insert(QUERIES),
+                    [
+                        {
+                            "id": qid,
+                            "batch_id": batch.id,
+                            "tenant_id": tenant_id,
+                            "seq": len(query_ids) + i,
+                            "custom_id": custom_id,
+                            "status": QueryStatus.QUEUED,
+                            "priority": admitted.priority,
+                            "request": request,
+                            "attempts": 0,
+                            "enqueued_at": now,
+                            "input_tokens": 0,
+                            "output_tokens": 0,
+                            "cost_usd": 0.0,
+                        }
+                        for i, (qid, (custom_id, request)) in enumerate(zip(ids, page, strict=True))
+                    ],
+                )
+                query_ids.extend(ids)
+            if len(query_ids) != total:
+                raise ValueError(f"batch of {total} queries got {len(query_ids)} requests")
     except IntegrityError:
         if idempotency_key is None:
             raise
         # Lost the race with an identical concurrent request: answer with the winner.
-        with sessions() as session:
-            existing = _by_idempotency_key(session, tenant_id, idempotency_key)
-            if existing is None:
-                raise
-            if reservation is not None:
-                reservation.release()  # the winner reserved these queries already
-            return _replay(session, existing, fingerprint)
+        replayed = replay(sessions, tenant_id, idempotency_key, fingerprint)
+        if replayed is None:
+            raise
+        if reservation is not None:
+            reservation.release()  # the winner reserved these queries already
+        return replayed
 
     try:
-        enqueue_messages(broker, (query_message(qid, payload.priority, trace) for qid in query_ids))
+        enqueue_messages(broker, (query_message(qid, admitted.priority, trace) for qid in query_ids))
     except RedisError as exc:
         log.warning(
             "enqueue of batch %s failed (%s: %s); removing its rows", batch.id, type(exc).__name__, exc
@@ -184,9 +241,64 @@ def _store_and_enqueue(
         # Nothing half-stored: the client is told to retry, and the rows go away.
         with sessions.begin() as session:
             session.execute(delete(QUERIES).where(col(Query.batch_id) == batch.id))
+            drop_views(session, batch.id)
             session.execute(delete(BATCHES).where(col(Batch.id) == batch.id))
         raise DependencyDown("the queue is unavailable; nothing was stored, retry later") from exc
     return batch, Counts(total=batch.total, queued=batch.total), True
+
+
+def store_failed(
+    sessions: sessionmaker[Session],
+    *,
+    tenant_id: str,
+    admitted: Admitted,
+    errors: dict[str, Any],
+    idempotency_key: str | None = None,
+    fingerprint: str | None = None,
+) -> tuple[Batch, Counts, bool]:
+    """A batch whose input could not be accepted (a file with invalid lines, SPEC §11): stored
+    ``failed`` with its ``errors`` and no query, so nothing is enqueued and no provider called."""
+    now = int(time.time())
+    batch = _new_batch(tenant_id, admitted, now, idempotency_key, fingerprint)
+    batch.status, batch.failed_at, batch.errors = BatchStatus.FAILED, now, errors
+    try:
+        with write_transaction(sessions) as session:
+            session.execute(insert(BATCHES), [_batch_row(batch)])
+    except IntegrityError:
+        replayed = replay(sessions, tenant_id, idempotency_key, fingerprint) if idempotency_key else None
+        if replayed is None:
+            raise
+        return replayed
+    return batch, Counts(), True
+
+
+def _pages(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while page := list(itertools.islice(it, size)):
+        yield page
+
+
+def _new_batch(
+    tenant_id: str, admitted: Admitted, now: int, idempotency_key: str | None, fingerprint: str | None
+) -> Batch:
+    return Batch(
+        id=new_id("batch"),
+        tenant_id=tenant_id,
+        status=BatchStatus.VALIDATING,
+        priority=admitted.priority,
+        council=admitted.council,
+        knowledge=admitted.knowledge,
+        webhook_url=admitted.webhook_url,
+        meta=admitted.metadata,
+        completion_window=admitted.window,
+        endpoint=admitted.endpoint,
+        input_file_id=admitted.input_file_id,
+        total=0,
+        idempotency_key=idempotency_key,
+        request_hash=fingerprint,
+        created_at=now,
+        expires_at=now + admitted.window_s,
+    )
 
 
 _BATCH_COLUMNS = [(a.key, a.columns[0].key) for a in sa_inspect(Batch).column_attrs]
@@ -204,6 +316,15 @@ def _request_doc(q: Any) -> dict[str, Any]:
         else [{"role": m.role, "content": m.content} for m in q.messages]
     )
     return {"messages": messages, "max_tokens": q.max_tokens, "temperature": q.temperature}
+
+
+def replay(
+    sessions: sessionmaker[Session], tenant_id: str, idempotency_key: str, fingerprint: str | None
+) -> tuple[Batch, Counts, bool] | None:
+    """The batch an ``Idempotency-Key`` already created (409 if with another body), or None."""
+    with sessions() as session:
+        existing = _by_idempotency_key(session, tenant_id, idempotency_key)
+        return None if existing is None else _replay(session, existing, fingerprint)
 
 
 def _by_idempotency_key(session: Session, tenant_id: str, key: str) -> Batch | None:

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared.files.lines import CUSTOM_ID_MAX, LineRules, ParsedLine, check_body
+from shared.lifecycle.statuses import BATCH_TERMINAL, BatchStatus
 from shared.providers.config import Catalog
 
-PROCESSING_STATUS = {"cancelling": "canceling"}
-ENDED = ("completed", "failed", "cancelled", "expired")
+PROCESSING_STATUS: dict[str, str] = {BatchStatus.CANCELLING: "canceling"}
 
 
 def rfc3339(ts: int | None) -> str | None:
@@ -25,7 +25,7 @@ def rfc3339(ts: int | None) -> str | None:
 
 
 def processing_status(status: str) -> str:
-    if status in ENDED:
+    if status in BATCH_TERMINAL:
         return "ended"
     return PROCESSING_STATUS.get(status, "in_progress")
 

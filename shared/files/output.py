@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.lifecycle.statuses import QueryStatus
+
 COUNCIL = "council"
 # HTTP status a failed query's response carries, by provider error category (SPEC §4.2).
 STATUS_BY_ERROR = {
@@ -94,12 +96,12 @@ def openai_line(row: Any) -> dict[str, Any]:
     """The output line (succeeded) or error line (anything else) of one finished query."""
     tail = _tail(row.id)
     line: dict[str, Any] = {"id": f"batch_req_{tail}", "custom_id": row.custom_id}
-    if row.status == "succeeded":
+    if row.status == QueryStatus.SUCCEEDED:
         line["response"] = {"status_code": 200, "request_id": f"req_{tail}", "body": chat_completion(row)}
         line["error"] = None
         return line
     error = row.error or {}
-    if row.status in ("cancelled", "expired"):
+    if row.status in (QueryStatus.CANCELLED, QueryStatus.EXPIRED):
         line["response"] = None
         line["error"] = {
             "code": f"batch_{row.status}",
@@ -125,7 +127,7 @@ def openai_line(row: Any) -> dict[str, Any]:
 
 def anthropic_result(row: Any) -> dict[str, Any]:
     """Anthropic's result line: ``succeeded | errored | canceled | expired``."""
-    if row.status == "succeeded":
+    if row.status == QueryStatus.SUCCEEDED:
         result = row.result or {}
         message: dict[str, Any] = {
             "id": f"msg_{_tail(row.id)}",
@@ -140,9 +142,9 @@ def anthropic_result(row: Any) -> dict[str, Any]:
         if is_council(row.model):
             message["council"] = _council(result)
         outcome: dict[str, Any] = {"type": "succeeded", "message": message}
-    elif row.status == "cancelled":
+    elif row.status == QueryStatus.CANCELLED:
         outcome = {"type": "canceled"}
-    elif row.status == "expired":
+    elif row.status == QueryStatus.EXPIRED:
         outcome = {"type": "expired"}
     else:
         error = row.error or {}

@@ -137,29 +137,31 @@ def _row(stored: StoredFile) -> dict[str, Any]:
     return {c.name: getattr(stored, c.name) for c in FILES.columns}
 
 
-def create_views(session: Session, tenant_id: str, batch_id: str, expires_at: int) -> tuple[str, str]:
-    """The output and error file rows of a new batch, in the caller's transaction."""
-    now = int(time.time())
-    ids = (new_file_id(), new_file_id())
+def create_views(session: Session, batch: Batch, *, expires_at: int) -> None:
+    """The rows of a new batch's output and error files (ids already on the batch), in the
+    caller's transaction. They have no chunks: ``shared.files.views`` renders them."""
     session.execute(
         insert(FILES),
         [
             {
                 "id": file_id,
-                "tenant_id": tenant_id,
+                "tenant_id": batch.tenant_id,
                 "purpose": VIEW_PURPOSE,
-                "filename": f"{batch_id}_{kind}.jsonl",
+                "filename": f"{batch.id}_{kind}.jsonl",
                 "bytes": None,
                 "lines": 0,
-                "batch_id": batch_id,
+                "batch_id": batch.id,
                 "kind": kind,
-                "created_at": now,
+                "created_at": batch.created_at,
                 "expires_at": expires_at,
             }
-            for file_id, kind in zip(ids, ("output", "error"), strict=True)
+            for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "error"))
         ],
     )
-    return ids
+
+
+def drop_views(session: Session, batch_id: str) -> None:
+    session.execute(delete(FILES).where(FILES.c.batch_id == batch_id))
 
 
 def _visible(stmt: Any) -> Any:

@@ -27,11 +27,14 @@ from sqlmodel import col
 
 from shared.files import output
 from shared.files.store import iter_chunks, set_size
-from shared.lifecycle.statuses import QUERY_TERMINAL
+from shared.lifecycle.statuses import QUERY_TERMINAL, QueryStatus
 from shared.models import Batch, Query, StoredFile
 
 PAGE = 1000
-STATUSES = {"output": ("succeeded",), "error": ("failed", "cancelled", "expired")}
+STATUSES = {
+    "output": (QueryStatus.SUCCEEDED,),
+    "error": (QueryStatus.FAILED, QueryStatus.CANCELLED, QueryStatus.EXPIRED),
+}
 
 
 def default_model(council: dict[str, Any]) -> str:
