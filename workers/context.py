@@ -47,7 +47,7 @@ log = logging.getLogger("conclave.worker")
 DB_WRITE_ATTEMPTS = 4
 WRITE_BACKOFF_S = 0.2
 
-BatchConfig = tuple[dict[str, Any], dict[str, Any] | None]
+BatchConfig = tuple[dict[str, Any], dict[str, Any] | None, int]  # council, knowledge, expires_at
 
 
 @dataclass
@@ -115,8 +115,8 @@ class WorkerContext:
         return written
 
     def batch(self, session: Session, batch_id: str) -> BatchConfig:
-        """A batch's council and knowledge request: they never change once accepted, so they are
-        read once per process."""
+        """A batch's council, knowledge request and end of window: they never change once
+        accepted, so they are read once per process."""
         with self._lock:
             found = self._batches.get(batch_id)
             if found is not None:
@@ -142,6 +142,8 @@ def build_runner(settings: Settings, catalog: Catalog) -> Runner:
         retry_budget=settings.query_retry_budget,
         max_attempts=settings.call_max_attempts,
         min_answers=settings.min_answers,
+        review_max_tokens=settings.review_max_tokens,
+        synthesis_max_tokens=settings.synthesis_max_tokens,
         redis_client=aioredis.Redis(
             # Many calls report to the breaker at once: wait for a connection, never fail for want of one.
             connection_pool=aioredis.BlockingConnectionPool.from_url(

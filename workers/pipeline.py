@@ -21,9 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import dramatiq
 import redis
@@ -45,7 +45,7 @@ from shared.tracing import extract, tracer
 from workers.context import WorkerContext
 from workers.council import CouncilSpec, KnowledgeSnippet
 from workers.routing import route
-from workers.runner import circuit_requeue_delay
+from workers.runner import CircuitWait, circuit_wait
 from workers.spans import record_call_spans
 
 log = logging.getLogger("conclave.worker")
@@ -54,6 +54,7 @@ log = logging.getLogger("conclave.worker")
 # restarting); reconciliation would find it too, but later.
 DB_RETRY_DELAY_MS = 5_000
 INTERNAL_ERROR = {"type": "internal_error", "message": "the worker failed"}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Prepared:
     spec: CouncilSpec
     grounding: tuple[KnowledgeSnippet, ...]
     routing: dict[str, Any] | None
+    expires_at: int  # the end of the batch's window: how long a query may wait for a circuit
 
 
 @dataclass
@@ -123,7 +125,7 @@ def claim(ctx: WorkerContext, query_id: str, message: Message[Any] | None) -> Cl
 
 def prepare(ctx: WorkerContext, claimed: ClaimedQuery) -> Prepared:
     with ctx.sessions() as session:
-        council, knowledge = ctx.batch(session, claimed.batch_id)
+        council, knowledge, expires_at = ctx.batch(session, claimed.batch_id)
         snippets = (
             ground(session, claimed.tenant_id, claimed.request["messages"], knowledge) if knowledge else []
         )
@@ -133,11 +135,13 @@ def prepare(ctx: WorkerContext, claimed: ClaimedQuery) -> Prepared:
     members = council["members"]
     mode = council.get("mode", "council")
     if mode == "auto":
-        decision = route(claimed.request["messages"], members, ctx.price)
+        # Members behind an open circuit are left out (SPEC §5.4), as this process sees the breakers.
+        healthy = on_loop(ctx.runner.healthy(members))
+        decision = route(claimed.request["messages"], members, ctx.price, healthy=healthy.__contains__)
         routing, mode, members = decision.to_dict(), decision.mode, list(decision.members)
     spec = ctx.runner.council_spec({**council, "members": members}, mode)
     grounding = tuple(KnowledgeSnippet(s["id"], s["title"], s["content"]) for s in snippets)
-    return Prepared(spec, grounding, routing)
+    return Prepared(spec, grounding, routing, expires_at)
 
 
 def run(ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared) -> Ran:
@@ -148,10 +152,7 @@ def run(ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared) -> Ran:
     status: str
     record: dict[str, Any] | None
     try:
-        loop = get_event_loop_thread()
-        if loop is None:
-            raise RuntimeError("the AsyncIO middleware starts the event loop at worker boot")
-        result = loop.run_coroutine(
+        result = on_loop(
             ctx.runner.run(
                 claimed.id, claimed.request, prepared.spec, knowledge=prepared.grounding, calls=calls
             )
@@ -175,14 +176,24 @@ def settle(
     message: Message[Any] | None,
     span: Any,
 ) -> None:
-    finished = int(time.time())
-    requeue_in = circuit_requeue_delay(claimed.attempts, ran.status, ran.calls)
+    now = time.time()
+    finished = int(now)
+    verdict = CircuitWait()
+    if ran.status == QueryStatus.FAILED:
+        # A query that failed behind an open circuit waits for it while its window allows.
+        cooldown_s = on_loop(ctx.runner.circuit_cooldown_s(ran.calls))
+        verdict = circuit_wait(
+            ran.status, ran.error, ran.calls, cooldown_s=cooldown_s, now=now, expires_at=prepared.expires_at
+        )
+        if verdict.error:
+            log.warning("query %s fails behind an open circuit: %s", claimed.id, verdict.error["message"])
+    requeue_in = verdict.requeue_in_s
     written = ctx.outcomes.submit(
         Outcome(
             claimed,
             ran.status,
             ran.record,
-            ran.error,
+            verdict.error or ran.error,
             prepared.routing,
             ran.calls,
             ran.latency_ms,
@@ -205,6 +216,15 @@ def settle(
     record_call_spans(span, ran.calls)
     if not written:
         log.warning("query %s was taken over before it finished; its outcome was not written", claimed.id)
+
+
+def on_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` on the process's event loop (the AsyncIO middleware owns it) and wait."""
+    loop = get_event_loop_thread()
+    if loop is None:
+        coroutine.close()
+        raise RuntimeError("the AsyncIO middleware starts the event loop at worker boot")
+    return loop.run_coroutine(coroutine)
 
 
 def record_metrics(ctx: WorkerContext, calls: list[CallRecord], status: str | None) -> None:

@@ -48,10 +48,6 @@ from workers.council import (
 CIRCUIT_WAIT_MIN_S = 2.0
 CIRCUIT_WAIT_JITTER = 0.5
 CIRCUIT_WINDOW_MARGIN_S = 120
-# The policy before waits followed the breaker (until the worker passes the batch's window).
-CIRCUIT_REQUEUES = 4
-CIRCUIT_REQUEUE_BASE_S = 2
-CIRCUIT_REQUEUE_CAP_S = 60
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 # A provider's wait hint beyond this is not worth holding a worker slot for: fail over instead.
@@ -274,15 +270,6 @@ def circuit_wait(
         return CircuitWait(error={"type": "circuit_open", "message": message})
     wait = min(rest * (rng or random).uniform(1.0, 1.0 + CIRCUIT_WAIT_JITTER), last_start)
     return CircuitWait(requeue_in_s=max(1, math.ceil(wait)))
-
-
-def circuit_requeue_delay(attempts: int, status: str, calls: Sequence[CallRecord]) -> int:
-    """The fixed waits of 2, 4, 8, 16 s (+0-50%) the worker uses until it hands ``circuit_wait``
-    the batch's window."""
-    if status != "failed" or attempts > CIRCUIT_REQUEUES or not _refused_providers(calls):
-        return 0
-    base = min(CIRCUIT_REQUEUE_CAP_S, CIRCUIT_REQUEUE_BASE_S * 2 ** (attempts - 1))
-    return int(base * random.uniform(1.0, 1.5)) + 1
 
 
 def _refused_providers(calls: Sequence[CallRecord]) -> list[str]:

@@ -86,12 +86,15 @@ def list_batches(
     return rows[:limit], len(rows) > limit
 
 
-def batch_config(session: Session, batch_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """What a worker needs of a batch to run its queries: the council and the knowledge request."""
+def batch_config(session: Session, batch_id: str) -> tuple[dict[str, Any], dict[str, Any] | None, int]:
+    """What a worker needs of a batch to run its queries: the council, the knowledge request, and
+    the end of its window (how long a query may wait for an open circuit)."""
     row = session.execute(
-        select(col(Batch.council), col(Batch.knowledge)).where(col(Batch.id) == batch_id)
+        select(col(Batch.council), col(Batch.knowledge), col(Batch.expires_at)).where(
+            col(Batch.id) == batch_id
+        )
     ).one()
-    return row.council, row.knowledge
+    return row.council, row.knowledge, row.expires_at
 
 
 def batch_object(batch: Batch, counts: Counts, now: int | None = None) -> dict[str, Any]:

@@ -30,9 +30,12 @@ def result_record(row: Any, include_stages: bool = False) -> dict[str, Any]:
         "error": row.error,
         "synthesis": result.get("synthesis"),
         "chairman": result.get("chairman"),
+        # ``model`` is who answered, ``requested_model`` the member (they differ when a fallback
+        # answered; results stored before the distinction name the member only).
         "members": [
             {
                 "model": m["model"],
+                "requested_model": m.get("requested_model", m["model"]),
                 "status": m["status"],
                 "error": m.get("error"),
                 "latency_ms": m.get("latency_ms"),
@@ -56,9 +59,12 @@ def result_record(row: Any, include_stages: bool = False) -> dict[str, Any]:
             "answers": [
                 {
                     "model": m["model"],
+                    "requested_model": m.get("requested_model", m["model"]),
                     "status": m["status"],
                     "answer": m.get("answer"),
                     "error": m.get("error"),
+                    # Set when the same model answered for another member: only that answer was reviewed.
+                    "duplicate_of": m.get("duplicate_of"),
                 }
                 for m in result.get("members", [])
             ],

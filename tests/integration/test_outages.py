@@ -1,0 +1,166 @@
+"""Members whose provider is down, against real worker processes and the simulated provider:
+a member answered by its fallback (itself a member) is reported as who answered and never
+judges its own answer; queries behind an open circuit wait for the provider for as long as
+their window allows (SPEC §5.2, §18).
+
+Each test starts its own API and workers with its own ``providers.toml`` and Redis namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from shared.settings import Settings
+from shared.sim import SimConfig, SimServer
+from shared.stack import Stack, free_port
+from tests.conftest import new_key, settings_env
+from tests.helpers import jsonl, poll, tagged_queries, wait_for_batch
+from tests.integration.test_resilience import RefusingServer, sim_provider
+
+pytestmark = pytest.mark.integration
+
+StackFactory = Callable[[str], httpx.Client]
+
+
+@pytest.fixture
+def make_stack(settings: Settings, sessions: Any, tmp_path: Path) -> Iterator[StackFactory]:
+    """Start an API and two worker processes with the given providers.toml in a fresh namespace."""
+    started: list[tuple[Stack, httpx.Client, str]] = []
+
+    def start(providers_toml: str) -> httpx.Client:
+        namespace = f"ctest-out-{uuid.uuid4().hex[:8]}"
+        providers = tmp_path / f"providers-{namespace}.toml"
+        providers.write_text(providers_toml)
+        env = {
+            **os.environ,
+            **settings_env(settings),
+            "CONCLAVE_PROVIDERS_FILE": str(providers),
+            "CONCLAVE_QUEUE_NAMESPACE": namespace,
+            "SIM_API_KEY": "sk-sim-test",
+        }
+        stack = Stack(env=env, logs=tmp_path / f"logs-{namespace}")
+        stack.logs.mkdir()
+        url = stack.start_api()
+        stack.start_workers(processes=2, threads=16)
+        key, _ = new_key(sessions)
+        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        started.append((stack, client, namespace))
+        return client
+
+    yield start
+    rdb = redis.Redis.from_url(settings.redis_url)
+    for stack, client, namespace in started:
+        client.close()
+        stack.stop()
+        keys = list(rdb.scan_iter(f"{namespace}:*"))
+        if keys:
+            rdb.delete(*keys)
+    rdb.close()
+
+
+def test_a_member_answered_by_a_fellow_member_is_reported_so_and_never_reviews_itself(
+    make_stack: StackFactory, sim: SimServer
+) -> None:
+    # As in deploy/providers.toml: a member falls back to another member.
+    toml = (
+        sim_provider("p1", sim.url)
+        + f"""
+[providers.down]
+api = "openai"
+base_url = "http://127.0.0.1:{free_port()}/v1"
+api_key_env = "SIM_API_KEY"
+timeout_s = 2
+
+[models."down:alpha"]
+fallbacks = ["p1:beta"]
+
+[council]
+members = ["down:alpha", "p1:beta", "p1:gamma"]
+chairman = "p1:chairman"
+"""
+    )
+    client = make_stack(toml)
+    batch_id = client.post("/v1/batches", json={"queries": tagged_queries(6, prefix="fb")}).json()["id"]
+    assert wait_for_batch(client, batch_id, timeout=120)["request_counts"]["completed"] == 6
+
+    records = jsonl(client.get(f"/v1/batches/{batch_id}/results", params={"include": "stages"}))
+    assert len(records) == 6
+    for record in records:
+        assert record["status"] == "succeeded"
+        assert [(m["model"], m["requested_model"], m["status"]) for m in record["members"]] == [
+            ("p1:beta", "down:alpha", "succeeded"),
+            ("p1:beta", "p1:beta", "succeeded"),
+            ("p1:gamma", "p1:gamma", "succeeded"),
+        ]
+        # beta wrote two answers: it is ranked once, and no reviewer saw an answer of its own.
+        reviews = record["stages"]["reviews"]
+        assert sorted(r["reviewer"] for r in reviews) == ["p1:beta", "p1:gamma"]
+        for review in reviews:
+            assert review["status"] == "valid"
+            assert review["reviewer"] not in review["labels"].values()
+        assert {(e["model"], e["votes"]) for e in record["aggregate_ranking"]} == {
+            ("p1:beta", 1),
+            ("p1:gamma", 1),
+        }
+
+    detail = client.get(f"/v1/queries/{records[0]['query_id']}").json()
+    assert detail["members"][0]["model"] == "p1:beta"
+    assert detail["members"][0]["requested_model"] == "down:alpha"
+
+
+# The old policy gave up after four waits of 2, 4, 8 and 16 s (+0-50%): 34-49 s in all. With a
+# 1 s breaker cooldown (doubling to 16 s) the probes fall 1, 3, 7, 15, 31 and 47 s after the
+# circuit opens; a provider back 46 s after the batch arrives is found by the probe at ~47 s.
+OUTAGE_S = 46
+
+
+def test_queries_behind_an_open_circuit_wait_for_the_provider_longer_than_four_waits(
+    make_stack: StackFactory, sim: SimServer
+) -> None:
+    down = RefusingServer()
+    toml = (
+        sim_provider("p1", sim.url)
+        + f"""
+[providers.p2]
+api = "openai"
+base_url = "http://127.0.0.1:{down.port}/v1"
+api_key_env = "SIM_API_KEY"
+timeout_s = 2
+breaker_failures = 3
+breaker_cooldown_s = 1
+
+[council]
+members = ["p1:alpha", "p2:beta"]
+chairman = "p1:chairman"
+"""
+    )
+    try:
+        client = make_stack(toml)
+        # Two members, two answers needed: while p2 is down every query fails behind its circuit.
+        submitted = time.monotonic()
+        batch_id = client.post("/v1/batches", json={"queries": tagged_queries(20, prefix="lo")}).json()["id"]
+        poll(
+            lambda: time.monotonic() - submitted > OUTAGE_S, timeout=OUTAGE_S + 5, interval=0.5, what="outage"
+        )
+        port = down.port
+        down.stop()
+        with SimServer(SimConfig(), port=port):
+            final = wait_for_batch(client, batch_id, timeout=60)
+            records = jsonl(client.get(f"/v1/batches/{batch_id}/results"))
+            runs = [client.get(f"/v1/queries/{r['query_id']}").json()["attempts"] for r in records]
+    finally:
+        down.stop()
+
+    assert final["request_counts"]["completed"] == 20, [r["error"] for r in records if r["error"]][:3]
+    assert all(r["status"] == "succeeded" for r in records)
+    # Every query waited out the outage, more times than the old policy's four waits.
+    assert max(runs) > 5, runs
