@@ -7,7 +7,9 @@ live progress bar; prints the council's answers; stops everything.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -31,6 +33,12 @@ def demo(
     queries: Annotated[
         Path | None, typer.Option(help="JSONL of queries (default: the built-in sample).")
     ] = None,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the stack running after the sample, for the examples/ scripts (Ctrl-C stops)."
+        ),
+    ] = False,
 ) -> None:
     """Run the main job end to end on this machine and print the council's answers."""
     from shared.db import upgrade
@@ -110,6 +118,17 @@ def demo(
             f"batch {batch['status']}: {counts['completed']} succeeded, {counts['failed']} failed "
             f"of {counts['total']}"
         )
+        if serve:
+            # The SDK examples (examples/) read these, as every Conclave client does (SPEC §2).
+            console.print(
+                "\n[bold]The stack keeps running; in another shell:[/bold]\n"
+                f"export CONCLAVE_API_URL={api_url}\nexport CONCLAVE_API_KEY={key}\n"
+                "python examples/openai_batch.py   # or examples/anthropic_batch.py\n"
+                "[dim]Ctrl-C stops it.[/dim]"
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                while not stack.dead():
+                    time.sleep(0.5)
     finally:
         stack.stop()
         sim.stop()
