@@ -25,6 +25,7 @@ from shared.stack import Stack, redis_reachable
 from shared.tenants import issue_key
 from tests.leaks import CREATED_SECRETS, Leak, find_leaks, leaks_in_files, remember_secret
 from tests.leaks import report as leak_report
+from tests.receivers import WebhookReceiver
 
 IN_CI = bool(os.environ.get("CI"))
 REDIS_URL = os.environ.get("CONCLAVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -269,6 +270,13 @@ def new_key(sessions: Any, tenant: str | None = None, role: str = "admin") -> tu
         )
     remember_secret(issued.api_key, issued.webhook_secret)
     return issued.api_key, issued.tenant_id
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    """A webhook receiver on 127.0.0.1 (tests/receivers.py): 200, or what its ``script`` says."""
+    with WebhookReceiver() as r:
+        yield r
 
 
 @pytest.fixture

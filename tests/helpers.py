@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import orjson
@@ -56,7 +56,13 @@ def wait_for_batch(
     return poll(check, timeout, interval=0.25, what=f"batch {batch_id} to end")
 
 
-def jsonl(response: httpx.Response) -> list[dict[str, Any]]:
+class _Body(Protocol):
+    @property
+    def content(self) -> bytes: ...
+
+
+def jsonl(response: _Body) -> list[dict[str, Any]]:
+    """The objects of a JSON Lines body (an httpx response, or a TestClient's)."""
     return [orjson.loads(line) for line in response.content.splitlines() if line.strip()]
 
 

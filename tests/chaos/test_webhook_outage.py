@@ -10,12 +10,9 @@ the same signed body, verified by ``standardwebhooks`` with the tenant's secret.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 import standardwebhooks
@@ -27,6 +24,7 @@ from shared.sim import SimServer
 from tests.chaos.conftest import QUERIES, TEST_TIMEOUT, Chaos, Launch, set_sim
 from tests.chaos.invariants import check_batch
 from tests.helpers import counts_add_up, poll, tagged_queries, wait_for_batch
+from tests.receivers import Answer, Received, WebhookReceiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(TEST_TIMEOUT)]
 
@@ -40,74 +38,38 @@ UNAVAILABLE_ATTEMPTS = 2
 CANCELLED_QUERIES = 50
 
 
-class FlakyReceiver:
+class FlakyReceiver(WebhookReceiver):
     """A webhook receiver on 127.0.0.1: ``down`` (connections refused), ``unavailable`` (503 with
     ``Retry-After: 1``), then ``up`` (200). Every request it answers is kept, with its answer."""
 
     def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
         self.state = "down"
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with receiver._lock:
-                    status = 200 if receiver.state == "up" else 503
-                    receiver.requests.append(
-                        {
-                            "path": self.path,
-                            "headers": {k.lower(): v for k, v in self.headers.items()},
-                            "body": body,
-                            "status": status,
-                        }
-                    )
-                self.send_response(status)
-                if status == 503:
-                    self.send_header("Retry-After", "1")
-                self.send_header("content-length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
         # Bound but not listening: the port is ours, and every connection to it is refused.
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
-        self.server.daemon_threads = True
-        self.server.server_bind()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread: threading.Thread | None = None
+        super().__init__(self._answer_for_state, listening=False)
+
+    def _answer_for_state(self, request: Received) -> Answer:
+        if self.state == "up":
+            return Answer(200)
+        return Answer(503, {"Retry-After": "1"})
 
     def answer_unavailable(self) -> None:
         self.state = "unavailable"
-        self.server.server_activate()
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
+        self.start()
 
     def come_back(self) -> None:
-        with self._lock:
-            self.state = "up"
+        self.state = "up"
 
-    def close(self) -> None:
-        if self._thread is not None:
-            self.server.shutdown()
-        self.server.server_close()
-
-    def by_id(self) -> dict[str, list[dict[str, Any]]]:
-        with self._lock:
-            grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
-            for r in self.requests:
-                grouped[r["headers"]["webhook-id"]].append(r)
-            return grouped
+    def by_id(self) -> dict[str, list[Received]]:
+        grouped: dict[str, list[Received]] = defaultdict(list)
+        for r in list(self.requests):
+            grouped[r.headers["webhook-id"]].append(r)
+        return grouped
 
 
 @pytest.fixture
 def receiver() -> Iterator[FlakyReceiver]:
-    r = FlakyReceiver()
-    yield r
-    r.close()
+    with FlakyReceiver() as r:
+        yield r
 
 
 def deliveries(chaos: Chaos) -> list[WebhookDelivery]:
@@ -189,19 +151,19 @@ def test_webhooks_reach_a_receiver_that_was_down(
     verifier = standardwebhooks.Webhook(secret)
     for delivery in rows:
         tries = received[delivery.id]
-        assert [t["status"] for t in tries].count(200) == 1 and tries[-1]["status"] == 200, [
-            t["status"] for t in tries
+        assert [t.status for t in tries].count(200) == 1 and tries[-1].status == 200, [
+            t.status for t in tries
         ]
-        assert len({t["body"] for t in tries}) == 1 and tries[-1]["body"].decode() == delivery.body
+        assert len({t.body for t in tries}) == 1 and tries[-1].body.decode() == delivery.body
         for t in tries:
-            event = verifier.verify(t["body"], t["headers"])
+            event = verifier.verify(t.body, t.headers)
             assert event["type"] == delivery.event_type and event["data"]["id"] == delivery.batch_id
-        assert tries[-1]["path"] == ("/tenant" if delivery.endpoint_id else "/batch")
+        assert tries[-1].path == ("/tenant" if delivery.endpoint_id else "/batch")
         # Refused attempts never reached the receiver, but they are counted.
         assert delivery.attempts >= len(tries) + REFUSED_ATTEMPTS
 
     completed = [
-        verifier.verify(received[d.id][-1]["body"], received[d.id][-1]["headers"])
+        verifier.verify(received[d.id][-1].body, received[d.id][-1].headers)
         for d in rows
         if d.batch_id == batch_id
     ]

@@ -278,8 +278,13 @@ def app(settings: Settings) -> Iterator[FastAPI]:
         settings.model_copy(update={"webhook_allow_private": True, "queue_namespace": namespace})
     )
     yield app
+    close_app(app, settings.redis_url, namespace)
+
+
+def close_app(app: FastAPI, redis_url: str, namespace: str) -> None:
+    """Drop the app's Redis namespace and close its connections."""
     state = app.state.conclave
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(f"{namespace}:*", count=1000))
     if keys:
         client.delete(*keys)
@@ -526,14 +531,7 @@ def admin_view(settings: Settings, sessions: Any, tmp_path: Path) -> Iterator[Ad
         with TestClient(app) as client:
             yield AdminView(client, operator_admin(sessions), namespace, (names[0], names[1], names[2]))
     finally:
-        state = app.state.conclave
-        rdb = redis.Redis.from_url(settings.redis_url)
-        keys = list(rdb.scan_iter(f"{namespace}:*", count=1000))
-        if keys:
-            rdb.delete(*keys)
-        rdb.close()
-        state.broker.client.close()
-        state.sessions.kw["bind"].dispose()
+        close_app(app, settings.redis_url, namespace)
 
 
 def queue_message(queue: str) -> dramatiq.Message[Any]:

@@ -34,8 +34,9 @@ from shared.settings import Settings
 from shared.tenants import IssuedKey, issue_key
 from shared.webhooks.endpoints import register_endpoint
 from tests.helpers import counts_add_up, jsonl, poll
-from tests.integration.test_webhooks import Receiver, verify
+from tests.leaks import remember_secret
 from tests.leases import claim_query
+from tests.receivers import WebhookReceiver, verify
 
 pytestmark = pytest.mark.integration
 
@@ -84,13 +85,6 @@ def api(own_settings: Settings) -> Iterator[TestClient]:
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
-
-
-@pytest.fixture
 def dispatcher(own_sessions: sessionmaker[Session]) -> Dispatcher:
     return Dispatcher(own_sessions, schedule=SHORT_SCHEDULE, allow_private=True)
 
@@ -107,6 +101,7 @@ def issue(
             session.execute(
                 update(Tenant).where(col(Tenant.id) == issued.tenant_id).values(monthly_budget_usd=budget)
             )
+    remember_secret(issued.api_key, issued.webhook_secret)
     return issued
 
 
@@ -173,7 +168,7 @@ def body(delivery: WebhookDelivery) -> dict[str, Any]:
 
 
 def deliver(
-    dispatcher: Dispatcher, receiver: Receiver, expected: dict[str, int], now: int | None = None
+    dispatcher: Dispatcher, receiver: WebhookReceiver, expected: dict[str, int], now: int | None = None
 ) -> None:
     """Runs the dispatcher until each path got its expected number of requests."""
 
@@ -214,7 +209,7 @@ def concurrently(n: int, job: Callable[[], int]) -> list[int]:
 def test_an_expired_batch_ends_expired_and_each_target_hears_once(
     api: TestClient,
     own_sessions: sessionmaker[Session],
-    receiver: Receiver,
+    receiver: WebhookReceiver,
     dispatcher: Dispatcher,
 ) -> None:
     issued = issue(own_sessions)
@@ -287,7 +282,7 @@ def test_an_expired_batch_ends_expired_and_each_target_hears_once(
     deliver(dispatcher, receiver, {"/batch": 1, "/tenant": 1}, now=now)
     for path in ("/batch", "/tenant"):
         [request] = receiver.on(path)
-        assert request["headers"]["webhook-id"] == by_url[f"{receiver.url}{path}"].id
+        assert request.headers["webhook-id"] == by_url[f"{receiver.url}{path}"].id
         event = verify(issued.webhook_secret, request)
         assert event["type"] == "batch.expired"
         data = event["data"]
@@ -311,7 +306,7 @@ def test_an_expired_batch_ends_expired_and_each_target_hears_once(
 
 
 def test_daily_summary_once_per_tenant_with_yesterdays_totals(
-    own_sessions: sessionmaker[Session], receiver: Receiver, dispatcher: Dispatcher
+    own_sessions: sessionmaker[Session], receiver: WebhookReceiver, dispatcher: Dispatcher
 ) -> None:
     now = ts("2025-06-15T12:00:00")
     day = ts("2025-06-14T00:00:00")
@@ -372,7 +367,7 @@ def test_daily_summary_once_per_tenant_with_yesterdays_totals(
 
 
 def test_daily_summaries_catch_up_on_days_missed_while_the_scheduler_was_down(
-    own_sessions: sessionmaker[Session], receiver: Receiver
+    own_sessions: sessionmaker[Session], receiver: WebhookReceiver
 ) -> None:
     a, b = issue(own_sessions), issue(own_sessions)
     for issued in (a, b):
@@ -425,7 +420,10 @@ def test_daily_summaries_catch_up_on_days_missed_while_the_scheduler_was_down(
 
 
 def test_budget_exceeded_once_per_month_per_tenant(
-    own_sessions: sessionmaker[Session], own_settings: Settings, receiver: Receiver, dispatcher: Dispatcher
+    own_sessions: sessionmaker[Session],
+    own_settings: Settings,
+    receiver: WebhookReceiver,
+    dispatcher: Dispatcher,
 ) -> None:
     free_budget = own_settings.tier_monthly_budget_usd["free"]
     assert free_budget == 10.0

@@ -3,10 +3,8 @@ real database, searched through the API, and used to ground a council batch on r
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from shared.settings import Settings
 from shared.sim import SimServer
 from tests.conftest import new_key
 from tests.helpers import jsonl, sim_log, wait_for_batch
+from tests.receivers import LoopbackServer, QuietHandler
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +38,7 @@ def rss(items: list[tuple[str, str, str]]) -> bytes:
     ).encode()
 
 
-class FeedServer:
+class FeedServer(LoopbackServer):
     """Serves feeds by path, with ETag/Last-Modified and 304s; some paths misbehave on purpose."""
 
     def __init__(self) -> None:
@@ -47,7 +46,7 @@ class FeedServer:
         self.seen: list[dict[str, str]] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 server.seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
                 if self.path == "/huge.xml":
@@ -93,24 +92,13 @@ class FeedServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture
 def feeds() -> Iterator[FeedServer]:
-    server = FeedServer()
-    yield server
-    server.close()
+    with FeedServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

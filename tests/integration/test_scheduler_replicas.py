@@ -22,18 +22,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import pytest
 import redis
-import standardwebhooks
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
@@ -46,6 +43,7 @@ from shared.settings import Settings
 from shared.webhooks.events import emit
 from tests.conftest import new_key, settings_env
 from tests.helpers import poll
+from tests.receivers import Received, WebhookReceiver, verify
 
 pytestmark = [
     pytest.mark.integration,
@@ -92,69 +90,23 @@ def _pid_holding(inode: str, pids: list[int]) -> int | None:
     return None
 
 
-@dataclass
-class Hit:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    at: float  # time.monotonic()
-    sender: int | None  # pid of the process that sent it, among Receiver.pids
-
-
-class Receiver:
+class Receiver(WebhookReceiver):
     """Answers 200, or the status set for a path, and records which process sent each request."""
 
     def __init__(self) -> None:
-        self.hits: list[Hit] = []
-        self.status: dict[str, int] = {}
         self.pids: list[int] = []
-        self._lock = threading.Lock()
-        receiver = self
+        super().__init__(identify=self._sender)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                # The sender still holds its end of this connection while it waits for the answer.
-                inode = _client_socket_inode(self.client_address[1], receiver.port)
-                sender = _pid_holding(inode, receiver.pids) if inode else None
-                hit = Hit(
-                    self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.monotonic(), sender
-                )
-                with receiver._lock:
-                    receiver.hits.append(hit)
-                status = receiver.status.get(self.path, 200)
-                self.send_response(status)
-                self.send_header("content-length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = int(self.server.server_address[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def on(self, path: str) -> list[Hit]:
-        with self._lock:
-            return [h for h in self.hits if h.path == path]
-
-    def under(self, prefix: str) -> list[Hit]:
-        with self._lock:
-            return [h for h in self.hits if h.path.startswith(prefix)]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def _sender(self, client_port: int) -> int | None:
+        # The sender still holds its end of this connection while it waits for the answer.
+        inode = _client_socket_inode(client_port, self.port)
+        return _pid_holding(inode, self.pids) if inode else None
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
+    with Receiver() as r:
+        yield r
 
 
 # ---------------------------------------------------------------- a private database and namespace
@@ -287,10 +239,6 @@ def queue_events(sessions: sessionmaker[Session], tenant_id: str, urls: list[str
     return ids
 
 
-def verify(secret: str, hit: Hit) -> dict[str, Any]:
-    return standardwebhooks.Webhook(secret).verify(hit.body, hit.headers)
-
-
 # ---------------------------------------------------------------- tests
 
 
@@ -341,7 +289,7 @@ def test_one_replica_leads_and_each_job_acts_once_per_period(
     poll(lambda: len({h.path for h in receiver.under("/d/")}) == n, timeout=30, what="all deliveries")
     attempts = 8
 
-    def first_ticks() -> list[Hit] | None:
+    def first_ticks() -> list[Received] | None:
         hits = receiver.on("/tick")
         return hits[:attempts] if len(hits) >= attempts else None
 
@@ -372,7 +320,7 @@ def test_one_replica_leads_and_each_job_acts_once_per_period(
     assert {(s, a) for _, s, a in statuses} == {("delivered", 1)}
 
     # Only the leader sends: each request came from the leader's process.
-    senders = {h.sender for h in receiver.hits}
+    senders = {h.sender for h in receiver.requests}
     assert senders == {leader.pid}, (
         f"requests sent by {senders}; leader {leader.pid}, follower {follower.pid}"
     )

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -21,53 +19,11 @@ from shared.sim import SimServer
 from tests.conftest import new_key
 from tests.helpers import poll, tagged_queries, wait_for_batch
 from tests.leaks import remember_secret
+from tests.receivers import WebhookReceiver, verify
 
 pytestmark = pytest.mark.integration
 
 SHORT_SCHEDULE = [0, 1, 1, 1]
-
-
-class Receiver:
-    """A webhook receiver on 127.0.0.1 answering from a script of statuses (then 200)."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.script: list[int] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                status = receiver.script.pop(0) if receiver.script else 200
-                self.send_response(status)
-                if status == 302:
-                    self.send_header("Location", f"{receiver.url}/elsewhere")
-                self.send_header("content-length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def on(self, path: str) -> list[dict[str, Any]]:
-        return [r for r in self.requests if r["path"] == path]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
 
 
 @pytest.fixture
@@ -83,13 +39,8 @@ def dispatch_until(dispatcher: Dispatcher, check: Any, timeout: float = 30) -> A
     return poll(step, timeout=timeout, interval=0.2)
 
 
-def verify(secret: str, request: dict[str, Any]) -> dict[str, Any]:
-    headers = {k.lower(): v for k, v in request["headers"].items()}
-    return standardwebhooks.Webhook(secret).verify(request["body"], headers)
-
-
 def test_batch_completed_reaches_both_targets_signed(
-    client: httpx.Client, sim: SimServer, receiver: Receiver, dispatcher: Dispatcher
+    client: httpx.Client, sim: SimServer, receiver: WebhookReceiver, dispatcher: Dispatcher
 ) -> None:
     endpoint = client.post(
         "/v1/webhooks", json={"url": f"{receiver.url}/tenant", "events": ["batch.completed"]}
@@ -114,7 +65,7 @@ def test_batch_completed_reaches_both_targets_signed(
 
 
 def test_rotation_signs_with_old_and_new_secret(
-    client: httpx.Client, sim: SimServer, receiver: Receiver, dispatcher: Dispatcher
+    client: httpx.Client, sim: SimServer, receiver: WebhookReceiver, dispatcher: Dispatcher
 ) -> None:
     old = client.get("/v1/webhook-secret").json()["secret"]
     rotated = client.post("/v1/webhook-secret/rotate").json()
@@ -128,11 +79,11 @@ def test_rotation_signs_with_old_and_new_secret(
     request = receiver.on("/rot")[0]
     assert verify(old, request)["data"]["id"] == batch_id
     assert verify(new, request)["data"]["id"] == batch_id
-    assert len(request["headers"]["webhook-signature"].split(" ")) == 2
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
 
 
 def test_retries_keep_the_webhook_id_and_deliver_on_the_fourth_attempt(
-    client: httpx.Client, sim: SimServer, receiver: Receiver, dispatcher: Dispatcher
+    client: httpx.Client, sim: SimServer, receiver: WebhookReceiver, dispatcher: Dispatcher
 ) -> None:
     receiver.script = [500, 500, 500]
     batch_id = client.post(
@@ -143,7 +94,7 @@ def test_retries_keep_the_webhook_id_and_deliver_on_the_fourth_attempt(
     dispatch_until(dispatcher, lambda: len(receiver.on("/retry")) >= 4)
     attempts = receiver.on("/retry")
     assert len(attempts) == 4
-    assert len({a["headers"]["webhook-id"] for a in attempts}) == 1
+    assert len({a.headers["webhook-id"] for a in attempts}) == 1
     secret = client.get("/v1/webhook-secret").json()["secret"]
     assert verify(secret, attempts[-1])["type"] == "batch.completed"
     deliveries = client.get("/v1/webhooks/deliveries").json()["data"]
@@ -151,12 +102,12 @@ def test_retries_keep_the_webhook_id_and_deliver_on_the_fourth_attempt(
     assert (
         mine["status"] == "delivered"
         and mine["attempts"] == 4
-        and mine["id"] == attempts[0]["headers"]["webhook-id"]
+        and mine["id"] == attempts[0].headers["webhook-id"]
     )
 
 
 def test_410_disables_the_endpoint(
-    client: httpx.Client, sim: SimServer, receiver: Receiver, dispatcher: Dispatcher
+    client: httpx.Client, sim: SimServer, receiver: WebhookReceiver, dispatcher: Dispatcher
 ) -> None:
     endpoint = client.post("/v1/webhooks", json={"url": f"{receiver.url}/gone", "events": ["*"]}).json()
     receiver.script = [410]
@@ -173,7 +124,7 @@ def test_410_disables_the_endpoint(
 
 
 def test_exhausted_delivery_is_failed_then_redelivered(
-    client: httpx.Client, sim: SimServer, receiver: Receiver, dispatcher: Dispatcher
+    client: httpx.Client, sim: SimServer, receiver: WebhookReceiver, dispatcher: Dispatcher
 ) -> None:
     receiver.script = [500, 503, 302, 500]
     batch_id = client.post(
@@ -197,7 +148,7 @@ def test_exhausted_delivery_is_failed_then_redelivered(
         return any(d["id"] == delivery["id"] for d in rows)
 
     poll(delivered, timeout=10)
-    assert receiver.on("/ex")[-1]["headers"]["webhook-id"] == delivery["id"]
+    assert receiver.on("/ex")[-1].headers["webhook-id"] == delivery["id"]
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +181,7 @@ def test_private_and_odd_urls_are_refused_at_registration(strict_api: TestClient
     assert strict_api.get("/v1/webhooks").json()["data"] == []
 
 
-def test_private_address_is_refused_again_at_delivery(sessions: Any, receiver: Receiver) -> None:
+def test_private_address_is_refused_again_at_delivery(sessions: Any, receiver: WebhookReceiver) -> None:
     from shared.webhooks.events import emit
 
     _, tenant_id = new_key(sessions)

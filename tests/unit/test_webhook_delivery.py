@@ -1,4 +1,4 @@
-"""One delivery attempt against real local HTTP servers (aiohttp on 127.0.0.1, port 0).
+"""One delivery attempt against real local HTTP servers (tests/receivers.py: 127.0.0.1, port 0).
 
 Loopback is private, so these tests pass ``allow_private=True`` except where the refusal is the point.
 """
@@ -11,70 +11,28 @@ import email.utils
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import orjson
 import pytest
-from aiohttp import web
 from standardwebhooks import Webhook
 
 from shared.providers.http import make_client
 from shared.webhooks.delivery import AttemptResult, attempt_delivery, make_delivery_client, parse_retry_after
 from shared.webhooks.signing import webhook_headers
 from shared.webhooks.ssrf import AsyncResolver, check_url, resolve_async
+from tests.receivers import Answer, Answering, Received, WebhookReceiver
 
 PUBLIC_V4 = "93.184.215.14"
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 BODY = orjson.dumps({"type": "batch.completed", "timestamp": "2026-01-01T00:00:00Z", "data": {"id": "b_1"}})
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Receiver:
-    port: int
-    requests: list[Received] = field(default_factory=list)
-
-    def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-
-@asynccontextmanager
-async def receiver(respond: Handler) -> AsyncIterator[Receiver]:
-    state = Receiver(port=0)
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        state.requests.append(Received(request.path, dict(request.headers), await request.read()))
-        return await respond(request)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    # Cancel a hung handler when the client gives up, so cleanup does not wait for it.
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.2)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        state.port = next(int(a[1]) for a in runner.addresses if isinstance(a, tuple))
-        yield state
-    finally:
-        await runner.cleanup()
-
-
-def status(code: int, headers: dict[str, str] | None = None, body: bytes = b"") -> Handler:
-    async def respond(request: web.Request) -> web.StreamResponse:
-        return web.Response(status=code, headers=headers, body=body)
+def status(code: int, headers: dict[str, str] | None = None, body: bytes = b"") -> Answering:
+    def respond(request: Received) -> Answer:
+        return Answer(code, headers or {}, body)
 
     return respond
 
@@ -98,8 +56,8 @@ async def deliver(
 
 def test_2xx_is_delivered_with_the_exact_body_and_verifiable_headers() -> None:
     async def scenario() -> None:
-        async with receiver(status(204)) as srv:
-            result = await deliver(srv.url("/hooks/conclave?tenant=t1"))
+        with WebhookReceiver(status(204)) as srv:
+            result = await deliver(srv.at("/hooks/conclave?tenant=t1"))
             assert result == AttemptResult("delivered", 204, None, None, "127.0.0.1")
             [got] = srv.requests
             assert got.path == "/hooks/conclave"
@@ -115,8 +73,8 @@ def test_2xx_is_delivered_with_the_exact_body_and_verifiable_headers() -> None:
 
 def test_500_is_retried_with_its_status_and_without_the_response_body() -> None:
     async def scenario() -> None:
-        async with receiver(status(500, body=b"stack trace with internal-detail")) as srv:
-            result = await deliver(srv.url())
+        with WebhookReceiver(status(500, body=b"stack trace with internal-detail")) as srv:
+            result = await deliver(srv.at())
         assert (result.outcome, result.status_code, result.error) == ("retry", 500, "HTTP 500")
         assert result.retry_after is None
 
@@ -125,8 +83,8 @@ def test_500_is_retried_with_its_status_and_without_the_response_body() -> None:
 
 def test_410_means_the_endpoint_is_gone() -> None:
     async def scenario() -> None:
-        async with receiver(status(410)) as srv:
-            result = await deliver(srv.url())
+        with WebhookReceiver(status(410)) as srv:
+            result = await deliver(srv.at())
         assert (result.outcome, result.status_code) == ("gone", 410)
 
     asyncio.run(scenario())
@@ -134,8 +92,8 @@ def test_410_means_the_endpoint_is_gone() -> None:
 
 def test_429_honours_retry_after_in_seconds() -> None:
     async def scenario() -> None:
-        async with receiver(status(429, {"Retry-After": "7"})) as srv:
-            result = await deliver(srv.url())
+        with WebhookReceiver(status(429, {"Retry-After": "7"})) as srv:
+            result = await deliver(srv.at())
         assert (result.outcome, result.status_code, result.retry_after) == ("retry", 429, 7.0)
 
     asyncio.run(scenario())
@@ -145,8 +103,8 @@ def test_503_honours_retry_after_as_an_http_date() -> None:
     when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
 
     async def scenario() -> None:
-        async with receiver(status(503, {"Retry-After": when})) as srv:
-            result = await deliver(srv.url())
+        with WebhookReceiver(status(503, {"Retry-After": when})) as srv:
+            result = await deliver(srv.at())
         assert (result.outcome, result.status_code) == ("retry", 503)
         assert result.retry_after is not None and 100 < result.retry_after <= 121
 
@@ -155,8 +113,8 @@ def test_503_honours_retry_after_as_an_http_date() -> None:
 
 def test_a_redirect_is_not_followed_and_is_retried() -> None:
     async def scenario() -> None:
-        async with receiver(status(302, {"Location": "/elsewhere"})) as srv:
-            result = await deliver(srv.url())
+        with WebhookReceiver(status(302, {"Location": "/elsewhere"})) as srv:
+            result = await deliver(srv.at())
             assert [r.path for r in srv.requests] == ["/hook"]
         assert (result.outcome, result.status_code) == ("retry", 302)
         assert result.error is not None and "redirect" in result.error
@@ -165,14 +123,13 @@ def test_a_redirect_is_not_followed_and_is_retried() -> None:
 
 
 def test_a_hung_receiver_is_retried_after_the_timeout() -> None:
-    async def hang(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(30)
-        return web.Response()
+    def hang(request: Received) -> None:
+        return None  # no answer until the receiver closes
 
     async def scenario() -> None:
-        async with receiver(hang) as srv:
+        with WebhookReceiver(hang) as srv:
             started = time.monotonic()
-            result = await deliver(srv.url(), timeout_s=0.3)
+            result = await deliver(srv.at(), timeout_s=0.3)
             elapsed = time.monotonic() - started
         assert result.outcome == "retry" and result.status_code is None
         assert result.error is not None and result.error.startswith("TimeoutError")
@@ -197,8 +154,8 @@ def test_the_next_address_is_tried_only_when_connecting_fails() -> None:
         return ["127.0.0.2", "127.0.0.1"]  # nothing listens on 127.0.0.2
 
     async def scenario() -> None:
-        async with receiver(status(200)) as srv:
-            result = await deliver(srv.url(host="multi.example.test"), resolver=resolver)
+        with WebhookReceiver(status(200)) as srv:
+            result = await deliver(srv.at(host="multi.example.test"), resolver=resolver)
             assert len(srv.requests) == 1
         assert (result.outcome, result.address) == ("delivered", "127.0.0.1")
 
@@ -207,8 +164,8 @@ def test_the_next_address_is_tried_only_when_connecting_fails() -> None:
 
 def test_a_large_response_body_is_not_read_in_full() -> None:
     async def scenario() -> None:
-        async with receiver(status(200, body=b"x" * (4 * 1024 * 1024))) as srv:
-            result = await deliver(srv.url())
+        with WebhookReceiver(status(200, body=b"x" * (4 * 1024 * 1024))) as srv:
+            result = await deliver(srv.at())
         assert result.outcome == "delivered"
 
     asyncio.run(scenario())
@@ -216,8 +173,8 @@ def test_a_large_response_body_is_not_read_in_full() -> None:
 
 def test_loopback_is_refused_without_connecting_when_private_is_not_allowed() -> None:
     async def scenario() -> None:
-        async with receiver(status(200)) as srv:
-            result = await deliver(srv.url(), allow_private=False)
+        with WebhookReceiver(status(200)) as srv:
+            result = await deliver(srv.at(), allow_private=False)
             assert srv.requests == []
         assert (result.outcome, result.status_code, result.address) == ("refused", None, "127.0.0.1")
         assert result.error is not None and "loopback" in result.error
@@ -246,8 +203,8 @@ def test_dns_rebinding_after_registration_is_refused_at_delivery() -> None:
     dns = Rebinding()
 
     async def scenario() -> None:
-        async with receiver(status(200)) as srv:
-            url = srv.url(host="rebind.example.test")
+        with WebhookReceiver(status(200)) as srv:
+            url = srv.at(host="rebind.example.test")
             assert check_url(url, allow_private=False, resolver=dns) == [PUBLIC_V4]
             result = await deliver(url, allow_private=False, resolver=dns.resolve_async)
             assert srv.requests == []
@@ -263,12 +220,12 @@ def test_the_request_goes_to_the_resolved_address_with_the_original_host_header(
         return ["127.0.0.1"]
 
     async def scenario() -> None:
-        async with receiver(status(200)) as srv:
+        with WebhookReceiver(status(200)) as srv:
             client = make_delivery_client() if client_kind == "delivery" else make_client()
             async with client:
                 result = await attempt_delivery(
                     client,
-                    srv.url(host="hooks.example.test"),
+                    srv.at(host="hooks.example.test"),
                     signed(),
                     BODY,
                     allow_private=True,
@@ -276,7 +233,7 @@ def test_the_request_goes_to_the_resolved_address_with_the_original_host_header(
                 )
             assert result.outcome == "delivered"
             [got] = srv.requests
-            assert got.headers["Host"] == f"hooks.example.test:{srv.port}"
+            assert got.headers["host"] == f"hooks.example.test:{srv.port}"
             Webhook(SECRET).verify(got.body, got.headers)
 
     asyncio.run(scenario())
