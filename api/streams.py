@@ -44,6 +44,7 @@ log = logging.getLogger("conclave.events")
 
 MIN_INTERVAL_S = 1.0  # SPEC: progress at most once a second
 POLL_S = 1.0  # a read without an announcement after this long
+MIN_READ_GAP_S = 0.1  # between two reads of one batch, whatever wakes the reader
 KEEPALIVE_S = 15.0
 # Seconds of finish order held back while a batch runs (see shared.progress.finished_queries).
 SETTLE_S = 3
@@ -110,6 +111,7 @@ class BatchFeed:
     stages: StageCounts | None = None
     progress_data: bytes = b""
     progress_digest: str = ""
+    progress_frame: bytes = b""
     queries: list[FinishedQuery] = field(default_factory=list)
     query_index: dict[str, int] = field(default_factory=dict)
     queries_loaded: bool = False
@@ -120,17 +122,24 @@ class BatchFeed:
     task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        last_read = -MIN_INTERVAL_S
+        # The once-a-second budget is spent only by reads that found a change: were a poll that
+        # found none to count, reads would lock in step just behind the workers' flushes and
+        # every announced change would wait most of a second.
+        last_change = last_read = -MIN_INTERVAL_S
         while self.subscribers > 0:
-            await asyncio.sleep(max(0.0, last_read + MIN_INTERVAL_S - time.monotonic()))
-            last_read = time.monotonic()
+            now = time.monotonic()
+            await asyncio.sleep(
+                max(0.0, last_change + MIN_INTERVAL_S - now, last_read + MIN_READ_GAP_S - now)
+            )
             self.wake.clear()
+            last_read = time.monotonic()
             try:
                 snap = await run_in_threadpool(self._read)
             except Exception as exc:  # the database or Redis is down: try again on the next tick
                 log.warning("reading batch %s for its streams failed (%s)", self.batch_id, type(exc).__name__)
             else:
-                self._apply(snap)
+                if self._apply(snap):
+                    last_change = last_read
                 if self.end is not None:
                     return
             with contextlib.suppress(TimeoutError):
@@ -160,7 +169,8 @@ class BatchFeed:
         sets = progress.read_stage_sets(hub.state.broker.client, hub.namespace, self.batch_id)
         return Snapshot(batch, progress.stage_counts(sets, batch), finished, terminal)
 
-    def _apply(self, snap: Snapshot) -> None:
+    def _apply(self, snap: Snapshot) -> bool:
+        """Take a read; True when subscribers have something new."""
         self.reads += 1
         stages = snap.stages.at_least(self.stages)
         self.stages = stages
@@ -178,8 +188,13 @@ class BatchFeed:
             self.end = snap.batch
             changed = True
         if changed:
+            # Most streams follow progress only and were shown no more than the feed: one frame
+            # serves them all.
+            shown = (stages.answer, stages.review, stages.synthesis)
+            self.progress_frame = _frame("progress", Cursor(shown, digest).encode(), data)
             self.changed.set()
             self.changed = asyncio.Event()
+        return changed
 
     def position_after(self, cursor: tuple[int, str] | None) -> int:
         """Index of the first query event after ``cursor`` in this feed's finish order."""
@@ -284,8 +299,13 @@ async def _events(feed_ctx: Any, cursor: Cursor, want_queries: bool) -> AsyncIte
                 data, digest = _progress_for(feed, cursor)
                 if digest != sent_digest:
                     if now - last_progress >= MIN_INTERVAL_S or feed.end is not None:
+                        shared_frame = qcursor is None and digest == feed.progress_digest
                         sent_digest = digest
-                        out.append(_frame("progress", _id(feed, cursor, qcursor, sent_digest), data))
+                        out.append(
+                            feed.progress_frame
+                            if shared_frame
+                            else _frame("progress", _id(feed, cursor, qcursor, sent_digest), data)
+                        )
                         last_progress = now
                     else:
                         delay = last_progress + MIN_INTERVAL_S - now

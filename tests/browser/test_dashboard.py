@@ -74,6 +74,7 @@ def test_batch_page_follows_a_running_batch_live_and_downloads_results(
         final = api.get(f"/v1/batches/{batch_id}").json()
         assert final["status"] == "completed"
         last = dom_figures(b.page)
+        b.page.wait_for_timeout(600)  # the bars' width transition, for the screenshot
         b.shot("batch-completed")
 
         # The figures moved while the batch ran, on one page load, and never went backwards.
