@@ -76,8 +76,41 @@ ROLE_TABLE: dict[Route, tuple[int, int, int]] = {
     ),  # after the article reads: it takes them along
     ("GET", "/v1/admin/queues"): (403, 403, 403),
     ("GET", "/v1/admin/providers"): (403, 403, 403),
+    # SPEC §11: files and the Anthropic view of the same batches.
+    ("POST", "/v1/files"): (200, 200, 403),
+    ("GET", "/v1/files"): (200, 200, 200),
+    ("GET", "/v1/files/{file_id}"): (200, 200, 200),
+    ("GET", "/v1/files/{file_id}/content"): (200, 200, 200),
+    ("DELETE", "/v1/files/{file_id}"): (200, 200, 403),  # after the file reads
+    ("POST", "/v1/messages/batches"): (200, 200, 403),
+    ("GET", "/v1/messages/batches"): (200, 200, 200),
+    ("GET", "/v1/messages/batches/{batch_id}"): (200, 200, 200),
+    ("GET", "/v1/messages/batches/{batch_id}/results"): (200, 200, 200),
+    ("POST", "/v1/messages/batches/{batch_id}/cancel"): (200, 200, 403),
+    # SPEC §12: a stream, read on an ended batch (it ends with the batch; see call()).
+    ("GET", "/v1/batches/{batch_id}/events"): (200, 200, 200),
 }
-ID_NAMES = ("batch_id", "query_id", "webhook_id", "delivery_id", "key_id", "feed_id", "article_id")
+# The dashboard's pages take a session cookie, not a key: their tenant isolation is
+# tests/browser/test_dashboard.py::test_another_tenants_batch_is_404_on_every_page_and_stream.
+# A new one must be added there and here.
+DASHBOARD_ID_ROUTES: set[Route] = {
+    ("GET", "/dashboard/batches/{batch_id}"),
+    ("GET", "/dashboard/batches/{batch_id}/events"),
+    ("GET", "/dashboard/batches/{batch_id}/results"),
+    ("POST", "/dashboard/batches/{batch_id}/cancel"),
+    ("GET", "/dashboard/data/batches/{batch_id}"),
+    ("GET", "/dashboard/static/{name}"),  # no tenant data
+}
+ID_NAMES = (
+    "batch_id",
+    "query_id",
+    "webhook_id",
+    "delivery_id",
+    "key_id",
+    "feed_id",
+    "article_id",
+    "file_id",
+)
 ROLE_COLUMN = {"admin": 0, "user": 1, "viewer": 2}
 
 BODIES: dict[Route, dict[str, Any]] = {
@@ -85,7 +118,26 @@ BODIES: dict[Route, dict[str, Any]] = {
     ("POST", "/v1/webhooks"): {"url": HOOK, "events": ["batch.completed"]},
     ("POST", "/v1/keys"): {"role": "viewer"},
     ("POST", "/v1/knowledge/feeds"): {"url": "http://127.0.0.1:9/feed.xml", "domain": "acl-test"},
+    ("POST", "/v1/messages/batches"): {
+        "requests": [
+            {
+                "custom_id": "m-0",
+                "params": {
+                    "model": "council",
+                    "max_tokens": 64,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            }
+        ]
+    },
 }
+# One OpenAI batch input line (SPEC §11), uploaded as a multipart file.
+FILE_LINE = (
+    b'{"custom_id": "f-0", "method": "POST", "url": "/v1/chat/completions",'
+    b' "body": {"model": "council", "messages": [{"role": "user", "content": "hello?"}]}}\n'
+)
+# Streams that only end with their batch: read on a batch that has ended.
+ENDED_BATCH_ROUTES = {("GET", "/v1/batches/{batch_id}/events")}
 
 # Lists that must never show another tenant's items, and the id kind each lists.
 LISTS = {
@@ -95,6 +147,8 @@ LISTS = {
     "/v1/keys": "key_id",
     "/v1/knowledge/feeds": "feed_id",
     "/v1/knowledge/articles": "article_id",
+    "/v1/files": "file_id",
+    "/v1/messages/batches": "batch_id",
 }
 
 
@@ -136,8 +190,14 @@ def assert_error(response: Any, status: int, type_: str, param: str | bool | Non
 
 def call(client: TestClient, route: Route, ids: dict[str, str], headers: dict[str, str]) -> Any:
     method, template = route
-    body = BODIES.get(route)
-    response = client.request(method, template.format(**ids), json=body, headers=headers)
+    if route in ENDED_BATCH_ROUTES and "ended_batch_id" in ids:
+        ids = {**ids, "batch_id": ids["ended_batch_id"]}
+    url = template.format(**ids)
+    if route == ("POST", "/v1/files"):
+        upload = {"file": ("batch.jsonl", FILE_LINE, "application/jsonl")}
+        response = client.post(url, data={"purpose": "batch"}, files=upload, headers=headers)
+    else:
+        response = client.request(method, url, json=BODIES.get(route), headers=headers)
     if response.status_code in (200, 201) and route in (
         ("POST", "/v1/keys"),
         ("POST", "/v1/webhook-secret/rotate"),
@@ -159,6 +219,8 @@ class Resources:
     api_key: str
     feed_id: str
     article_id: str
+    file_id: str
+    ended_batch_id: str  # a cancelled batch
 
     def ids(self) -> dict[str, str]:
         return {
@@ -169,6 +231,7 @@ class Resources:
             "key_id": self.key_id,
             "feed_id": self.feed_id,
             "article_id": self.article_id,
+            "file_id": self.file_id,
         }
 
 
@@ -225,6 +288,13 @@ def make_resources(client: TestClient, admin_key: str, sessions: Any) -> Resourc
         assert feed_row is not None
         assert store_articles(s, feed_row, [parsed]).created == 1
         article_id = s.scalars(select(col(Article.id)).where(col(Article.feed_id) == feed_row.id)).one()
+    upload = client.post(
+        "/v1/files",
+        data={"purpose": "batch"},
+        files={"file": ("batch.jsonl", FILE_LINE, "application/jsonl")},
+        headers=h,
+    )
+    assert upload.status_code == 200, upload.text
     return Resources(
         batch_id,
         query_id,
@@ -234,6 +304,8 @@ def make_resources(client: TestClient, admin_key: str, sessions: Any) -> Resourc
         key.json()["api_key"],
         feed.json()["id"],
         article_id,
+        upload.json()["id"],
+        other.json()["id"],
     )
 
 
@@ -263,6 +335,10 @@ def tenant_state(client: TestClient, admin_key: str, sessions: Any) -> dict[str,
         "articles": sorted(
             (a["id"], a["title"])
             for a in client.get("/v1/knowledge/articles", params={"limit": 100}, headers=h).json()["data"]
+        ),
+        "files": sorted(
+            (f["id"], f["bytes"], f["status"])
+            for f in client.get("/v1/files", params={"limit": 100}, headers=h).json()["data"]
         ),
     }
 
@@ -310,7 +386,7 @@ def test_role_table_covers_every_v1_route(app: FastAPI) -> None:
     assert v1_routes(app) == set(ROLE_TABLE), (
         "a /v1 route was added or removed: extend ROLE_TABLE and the tests"
     )
-    assert {r for r in app_routes(app) if "{" in r[1]} <= set(ROLE_TABLE)
+    assert {r for r in app_routes(app) if "{" in r[1]} <= set(ROLE_TABLE) | DASHBOARD_ID_ROUTES
 
 
 def test_another_tenants_ids_are_404_everywhere_and_change_nothing(
@@ -322,7 +398,7 @@ def test_another_tenants_ids_are_404_everywhere_and_change_nothing(
     res_b = make_resources(api, key_b, sessions)  # B has items of its own: lists are not just empty
     before = tenant_state(api, key_a, sessions)
 
-    id_routes = sorted(r for r in app_routes(app) if "{" in r[1])
+    id_routes = sorted(r for r in v1_routes(app) if "{" in r[1])
     assert id_routes, "the app has routes with ids"
     walked: set[Route] = set()
     for route in id_routes:
@@ -342,7 +418,7 @@ def test_another_tenants_ids_are_404_everywhere_and_change_nothing(
             scrubbed_unknown = scrubbed_unknown.replace(value[:-4] + "zzzz", "<id>")
         assert scrubbed == scrubbed_unknown, route
         walked.add(route)
-    assert walked == {r for r in app_routes(app) if "{" in r[1]}
+    assert walked == {r for r in v1_routes(app) if "{" in r[1]}
 
     assert tenant_state(api, key_a, sessions) == before
     # A's key still works (B's revoke did nothing) and A's batch was not cancelled.
@@ -408,7 +484,8 @@ def test_roles_on_every_v1_route(app: FastAPI, api: TestClient, sessions: Any, r
 
     assert set(ROLE_TABLE) == v1_routes(app)
     for route, expected in ROLE_TABLE.items():
-        response = call(api, route, resources.ids(), bearer(key))
+        ids = {**resources.ids(), "ended_batch_id": resources.ended_batch_id}
+        response = call(api, route, ids, bearer(key))
         status = expected[column]
         if status == 403:
             assert_error(response, 403, "permission_error")
@@ -430,7 +507,8 @@ def test_roles_on_every_v1_route(app: FastAPI, api: TestClient, sessions: Any, r
         assert [d for d in after["deliveries"] if d[0] in old_ids] == before["deliveries"]
         batch = api.get(f"/v1/batches/{resources.batch_id}", headers=bearer(key)).json()
         assert batch["status"] == "cancelled"
-        assert len(after["batches"]) == len(before["batches"]) + 1
+        # (one through /v1/batches, one through /v1/messages/batches)
+        assert len(after["batches"]) == len(before["batches"]) + 2
 
 
 @pytest.mark.parametrize(
