@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis
 
+from shared.providers.breaker import read_circuit
 from shared.settings import Settings
 from shared.sim import SimConfig, SimServer
 from shared.stack import Stack, free_port
@@ -28,15 +29,16 @@ from tests.integration.test_resilience import RefusingServer, sim_provider
 
 pytestmark = pytest.mark.integration
 
-StackFactory = Callable[[str], httpx.Client]
+StackFactory = Callable[[str], tuple[httpx.Client, str]]
 
 
 @pytest.fixture
 def make_stack(settings: Settings, sessions: Any, tmp_path: Path) -> Iterator[StackFactory]:
-    """Start an API and two worker processes with the given providers.toml in a fresh namespace."""
+    """Start an API and two worker processes with the given providers.toml in a fresh namespace;
+    returns a client with a fresh key, and the namespace."""
     started: list[tuple[Stack, httpx.Client, str]] = []
 
-    def start(providers_toml: str) -> httpx.Client:
+    def start(providers_toml: str) -> tuple[httpx.Client, str]:
         namespace = f"ctest-out-{uuid.uuid4().hex[:8]}"
         providers = tmp_path / f"providers-{namespace}.toml"
         providers.write_text(providers_toml)
@@ -54,7 +56,7 @@ def make_stack(settings: Settings, sessions: Any, tmp_path: Path) -> Iterator[St
         key, _ = new_key(sessions)
         client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         started.append((stack, client, namespace))
-        return client
+        return client, namespace
 
     yield start
     rdb = redis.Redis.from_url(settings.redis_url)
@@ -88,7 +90,7 @@ members = ["down:alpha", "p1:beta", "p1:gamma"]
 chairman = "p1:chairman"
 """
     )
-    client = make_stack(toml)
+    client, _ = make_stack(toml)
     batch_id = client.post("/v1/batches", json={"queries": tagged_queries(6, prefix="fb")}).json()["id"]
     assert wait_for_batch(client, batch_id, timeout=120)["request_counts"]["completed"] == 6
 
@@ -115,6 +117,62 @@ chairman = "p1:chairman"
     detail = client.get(f"/v1/queries/{records[0]['query_id']}").json()
     assert detail["members"][0]["model"] == "p1:beta"
     assert detail["members"][0]["requested_model"] == "down:alpha"
+
+
+def test_a_simple_auto_query_goes_to_the_cheapest_healthy_member(
+    make_stack: StackFactory, sim: SimServer, settings: Settings
+) -> None:
+    toml = (
+        sim_provider("p1", sim.url)
+        + f"""
+[providers.down]
+api = "openai"
+base_url = "http://127.0.0.1:{free_port()}/v1"
+api_key_env = "SIM_API_KEY"
+timeout_s = 2
+breaker_failures = 3
+breaker_cooldown_s = 300
+
+[models."down:cheap"]
+input_usd_per_mtok = 0.1
+output_usd_per_mtok = 0.1
+[models."p1:beta"]
+input_usd_per_mtok = 1.0
+output_usd_per_mtok = 1.0
+[models."p1:gamma"]
+input_usd_per_mtok = 5.0
+output_usd_per_mtok = 5.0
+
+[council]
+members = ["down:cheap", "p1:beta", "p1:gamma"]
+chairman = "p1:chairman"
+"""
+    )
+    client, namespace = make_stack(toml)
+    rdb = redis.Redis.from_url(settings.redis_url)
+    try:
+        # A council batch finds the cheapest member's provider down and opens its circuit.
+        first = client.post("/v1/batches", json={"queries": tagged_queries(10, prefix="trip")}).json()["id"]
+        poll(
+            lambda: read_circuit(rdb, namespace, "down", time.time()).state == "open",
+            timeout=60,
+            what="the circuit of provider down to open",
+        )
+        wait_for_batch(client, first, timeout=120)
+
+        body = {"queries": tagged_queries(5, prefix="auto"), "council": {"mode": "auto"}}
+        batch_id = client.post("/v1/batches", json=body).json()["id"]
+        final = wait_for_batch(client, batch_id, timeout=120)
+    finally:
+        rdb.close()
+
+    records = jsonl(client.get(f"/v1/batches/{batch_id}/results", params={"include": "stages"}))
+    assert final["request_counts"]["completed"] == 5, [r["error"] for r in records]
+    for record in records:
+        routing = record["stages"]["routing"]
+        assert (routing["mode"], routing["members"]) == ("single", ["p1:beta"])
+        assert routing["reason"].endswith("cheapest healthy member p1:beta (circuit open: down:cheap)")
+        assert [m["model"] for m in record["members"]] == ["p1:beta"]
 
 
 # The old policy gave up after four waits of 2, 4, 8 and 16 s (+0-50%): 34-49 s in all. With a
@@ -144,7 +202,7 @@ chairman = "p1:chairman"
 """
     )
     try:
-        client = make_stack(toml)
+        client, _ = make_stack(toml)
         # Two members, two answers needed: while p2 is down every query fails behind its circuit.
         submitted = time.monotonic()
         batch_id = client.post("/v1/batches", json={"queries": tagged_queries(20, prefix="lo")}).json()["id"]
