@@ -28,6 +28,7 @@ from sqlalchemy import insert, select, update
 from sqlmodel import col
 
 from api.main import create_app
+from shared import keys
 from shared.knowledge.parse import ParsedArticle
 from shared.knowledge.store import store_articles
 from shared.models import DELIVERIES, PROVIDER_CALLS, ApiKey, Article, Feed, Query
@@ -361,9 +362,9 @@ def close_app(app: FastAPI, redis_url: str, namespace: str) -> None:
     """Drop the app's Redis namespace and close its connections."""
     state = app.state.conclave
     client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    stored = list(client.scan_iter(f"{namespace}:*", count=1000))
+    if stored:
+        client.delete(*stored)
     client.close()
     state.broker.client.close()
     state.sessions.kw["bind"].dispose()
@@ -687,9 +688,9 @@ def test_admin_queues_count_workers_that_beat_recently_and_no_throughput_yet(
     """SPEC §3.3: workers alive; throughput over the last minutes (none in a new namespace)."""
     assert admin_view.get("/v1/admin/queues")["workers_alive"] == 0
     now = time.time()
-    # The heartbeat's layout (workers/heartbeat.py): sorted set of worker id -> last beat.
+    # The heartbeat's layout (shared/liveness.py): sorted set of worker id -> last beat.
     rclient.zadd(
-        f"{admin_view.namespace}:workers",
+        keys.workers(admin_view.namespace),
         {"host-a:101:abc": now - 1, "host-b:202:def": now, "host-c:303:0ff": now - 3600},
     )
 
@@ -739,8 +740,8 @@ def test_admin_providers_read_the_circuit_each_provider_is_in(admin_view: AdminV
         return {row["provider"]: row["circuit"] for row in rows}
 
     assert circuits() == {opened: "closed", probing: "closed", healthy: "closed"}
-    assert force_open(redis_url, f"{ns}:breaker:{opened}", cooldown_s=600) == "open"
-    assert force_open(redis_url, f"{ns}:breaker:{probing}", cooldown_s=0.05) in ("open", "half_open")
+    assert force_open(redis_url, keys.breaker(ns, opened), cooldown_s=600) == "open"
+    assert force_open(redis_url, keys.breaker(ns, probing), cooldown_s=0.05) in ("open", "half_open")
 
     # Once its 50 ms cooldown has passed, the second reads half-open: a probe may go.
     poll(lambda: circuits()[probing] == "half_open", timeout=10, interval=0.05, what="half-open")
