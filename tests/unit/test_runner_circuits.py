@@ -41,6 +41,15 @@ def refused(model: str) -> CallRecord:
     return CallRecord(model, "answer", 1, "failed", "circuit_open", 0, 0, 0, 0.0, 0)
 
 
+async def until_half_open(runner: Runner, provider: str, timeout: float = 3.0) -> None:
+    breaker = runner.guards[provider].breaker
+    assert breaker is not None
+    deadline = time.monotonic() + timeout
+    while (await breaker.state())[0] != "half_open":
+        assert time.monotonic() < deadline, "circuit never half-opened"
+        await asyncio.sleep(0.02)
+
+
 async def open_circuit(runner: Runner, provider: str) -> None:
     breaker = runner.guards[provider].breaker
     assert breaker is not None
@@ -55,7 +64,7 @@ def test_members_behind_an_open_circuit_are_not_healthy() -> None:
         await open_circuit(runner, "p2")
         assert await runner.healthy(["p1:alpha", "p2:beta"]) == {"p1:alpha"}
         # Half-open lets one probe through, not a query's worth of calls.
-        await asyncio.sleep(COOLDOWN_S + 0.05)
+        await until_half_open(runner, "p2")
         assert await runner.healthy(["p1:alpha", "p2:beta"]) == {"p1:alpha"}
 
     asyncio.run(scenario())
@@ -71,7 +80,7 @@ def test_a_refused_query_waits_for_what_is_left_of_the_cooldown() -> None:
         rest = await runner.circuit_cooldown_s(calls)
         assert 0 < rest <= COOLDOWN_S - (time.monotonic() - opened) + 0.01
         assert await runner.circuit_cooldown_s([refused("p1:alpha")]) == 0.0
-        await asyncio.sleep(COOLDOWN_S + 0.05)
+        await until_half_open(runner, "p2")
         # Half-open: a probe is deciding; come back after a base cooldown.
         assert await runner.circuit_cooldown_s(calls) == pytest.approx(COOLDOWN_S)
 
