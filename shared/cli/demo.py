@@ -1,8 +1,8 @@
 """``conclave demo``: the whole system on one machine with nothing but Python.
 
 Starts (or reuses) Redis, a SQLite database in ``./.conclave-demo/``, the simulated provider,
-the API, a worker pool and the scheduler as real processes; submits the sample batch; shows a
-live progress bar; prints the council's answers; stops everything.
+the API, a worker pool and the scheduler as real processes; submits the sample batch; follows
+its event stream with a progress bar per council stage; prints the council's answers; stops everything.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
-from shared.cli.client import TERMINAL, _check, api_client, read_queries, wait_with_progress
+from shared.cli.client import TERMINAL, _check, api_client, read_queries
+from shared.cli.follow import follow_with_progress
 from shared.settings import get_settings
 
 console = Console()
@@ -85,7 +86,7 @@ def demo(
                 f"submitted [bold]{batch['id']}[/bold] ({batch['request_counts']['total']} queries, "
                 f"council {', '.join(batch['council']['members'])} → {batch['council']['chairman']})"
             )
-            batch = wait_with_progress(client, batch["id"], poll_s=0.25, alive=stack.dead)
+            batch = follow_with_progress(client, batch["id"], console, alive=stack.dead)
             assert batch["status"] in TERMINAL
             response = client.get(f"/v1/batches/{batch['id']}/results")
             records = [line for line in response.text.splitlines() if line]
