@@ -206,9 +206,14 @@ chairman = "p1:chairman"
         # Two members, two answers needed: while p2 is down every query fails behind its circuit.
         submitted = time.monotonic()
         batch_id = client.post("/v1/batches", json={"queries": tagged_queries(20, prefix="lo")}).json()["id"]
-        poll(
-            lambda: time.monotonic() - submitted > OUTAGE_S, timeout=OUTAGE_S + 5, interval=0.5, what="outage"
-        )
+
+        def outage_over() -> bool:
+            # While the provider is down, queries wait for it: none fails.
+            counts = client.get(f"/v1/batches/{batch_id}").json()["request_counts"]
+            assert counts["failed"] == 0, f"{counts} after {time.monotonic() - submitted:.0f} s of outage"
+            return time.monotonic() - submitted > OUTAGE_S
+
+        poll(outage_over, timeout=OUTAGE_S + 10, interval=1.0, what="the outage to end")
         port = down.port
         down.stop()
         with SimServer(SimConfig(), port=port):
