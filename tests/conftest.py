@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,38 +114,16 @@ def _postgres_available() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if DB_KIND == "postgresql":
-        require(_postgres_available(), f"PostgreSQL at {POSTGRES_URL}")
-        name = f"conclave_test_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-        upgrade(url)
-        yield url
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-    else:
-        path: Path = tmp_path_factory.mktemp("db") / "conclave.db"
-        url = f"sqlite:///{path}"
-        upgrade(url)
-        yield url
-
-
-@pytest.fixture
-def private_database_url(tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated database of the session's kind, for tests whose processes scan the
-    whole database (scheduler jobs) and must not see other tests' rows."""
+@contextmanager
+def migrated_database(kind_prefix: str, sqlite_dir: Path) -> Iterator[str]:
+    """A new, migrated database of the session's kind, dropped afterwards (SQLite: a file)."""
     if DB_KIND != "postgresql":
-        url = f"sqlite:///{tmp_path / 'private.db'}"
+        url = f"sqlite:///{sqlite_dir / f'{kind_prefix}.db'}"
         upgrade(url)
         yield url
         return
     require(_postgres_available(), f"PostgreSQL at {POSTGRES_URL}")
-    name = f"conclave_private_{uuid.uuid4().hex[:10]}"
+    name = f"conclave_{kind_prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
@@ -156,6 +135,20 @@ def private_database_url(tmp_path: Path) -> Iterator[str]:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with migrated_database("test", tmp_path_factory.mktemp("db")) as url:
+        yield url
+
+
+@pytest.fixture
+def private_database_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database of the session's kind, for tests whose processes scan the
+    whole database (scheduler jobs) and must not see other tests' rows."""
+    with migrated_database("private", tmp_path) as url:
+        yield url
 
 
 @pytest.fixture
