@@ -22,6 +22,7 @@ from shared.settings import Settings
 from shared.stack import Stack
 from shared.tenants import issue_key
 from tests.conftest import new_key, require, settings_env
+from tests.leaks import remember_secret
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
@@ -109,7 +110,7 @@ def deployment(
     providers = tmp_path_factory.mktemp("browser-cfg") / "providers.toml"
     providers.write_text(PROVIDERS_TOML.format(sim_url=settings.sim_provider_url))
     own = settings.model_copy(update={"queue_namespace": ns, "providers_file": providers})
-    env = {**os.environ, **settings_env(own), "SIM_API_KEY": "sk-sim-browser"}
+    env = {**os.environ, **settings_env(own), "SIM_API_KEY": remember_secret("sk-sim-browser")}
     logs = ARTIFACTS / "logs" / ns
     logs.mkdir(parents=True, exist_ok=True)
     stack = Stack(env=env, logs=logs)

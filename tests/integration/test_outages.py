@@ -26,6 +26,7 @@ from shared.stack import Stack, free_port
 from tests.conftest import new_key, settings_env
 from tests.helpers import jsonl, poll, tagged_queries, wait_for_batch
 from tests.integration.test_resilience import RefusingServer, sim_provider
+from tests.leaks import remember_secret
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def make_stack(settings: Settings, sessions: Any, tmp_path: Path) -> Iterator[St
             **settings_env(settings),
             "CONCLAVE_PROVIDERS_FILE": str(providers),
             "CONCLAVE_QUEUE_NAMESPACE": namespace,
-            "SIM_API_KEY": "sk-sim-test",
+            "SIM_API_KEY": remember_secret("sk-sim-test"),
         }
         stack = Stack(env=env, logs=tmp_path / f"logs-{namespace}")
         stack.logs.mkdir()

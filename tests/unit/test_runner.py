@@ -18,11 +18,12 @@ import workers.runner
 from shared.ledger import CallRecord
 from shared.providers.config import Catalog, parse_catalog
 from shared.providers.registry import build_providers
+from tests.leaks import remember_secret
 from workers.council import CouncilResult
 from workers.runner import Runner
 
 KEY_ENV = "CONCLAVE_TEST_RUNNER_KEY"
-KEY = "sk-runner-test-0123456789"
+KEY = remember_secret("sk-runner-test-0123456789")
 USAGE = {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
 QUESTION = "What is the capital of France?"
 _LABEL = re.compile(r"^=== (Response [A-Z]+) ===$", re.MULTILINE)
