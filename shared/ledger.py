@@ -1,20 +1,34 @@
-"""The call ledger (SPEC §5.3): one row per attempt at one provider call, the source of every total.
+"""The call ledger (SPEC §5.3, §17): one row per attempt at one provider call, and the batch totals
+kept with it.
 
-Owns ``CallRecord`` (what a worker knows of an attempt) and the insert of those rows. Batch,
-tenant and usage totals are read from here; nothing else writes ``provider_calls``.
+A call that is sent is written first, ``in_flight`` with its input-token estimate and that
+estimate's cost (``start_calls``), and completed by its ``call_key`` when it ends
+(``finish_calls``): so a worker killed mid-call (``kill -9``, a time limit, a lost host) leaves its
+calls in the ledger, and reconciliation marks them ``abandoned`` (``abandon_calls``), keeping the
+estimate. A call refused before it was sent (an open circuit, the local rate limiter) is written
+once, when its query settles (``record_calls``).
+
+``batch_usage`` (one row per batch, upserted) changes in the same transaction as every ledger row
+of its batch (start: +1 call and the estimate; finish: actual − estimate), so a batch's totals
+equal the sum of its ledger rows at every commit, whatever happened to the queries. Nothing else
+writes ``provider_calls``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from shared.models import PROVIDER_CALLS, ProviderCall
+from shared.lifecycle.statuses import CallStatus
+from shared.models import BATCH_USAGE, PROVIDER_CALLS, ProviderCall
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,8 @@ class CallRecord:
     created_at: int
     # When the attempt ended (ns since the epoch): for trace spans, not stored.
     ended_ns: int = field(default=0, compare=False)
+    # Set when the call was sent (its in-flight row exists); None for a call refused before sending.
+    call_key: str | None = field(default=None, compare=False)
 
     def row(self) -> dict[str, Any]:
         data = asdict(self)
@@ -49,15 +65,181 @@ class CallOwner:
     tenant_id: str
 
 
+@dataclass(frozen=True)
+class StartedCall:
+    """A call about to be sent: its in-flight row."""
+
+    call_key: str
+    owner: CallOwner
+    worker_id: str
+    model: str
+    stage: str
+    attempt: int
+    input_tokens: int  # the estimate
+    cost_usd: float  # the estimate's input cost
+    created_at: int
+
+
+def start_calls(session: Session, started: Sequence[StartedCall]) -> None:
+    if not started:
+        return
+    session.execute(
+        insert(PROVIDER_CALLS),
+        [
+            {
+                "call_key": s.call_key,
+                "worker_id": s.worker_id,
+                "query_id": s.owner.query_id,
+                "batch_id": s.owner.batch_id,
+                "tenant_id": s.owner.tenant_id,
+                "model": s.model,
+                "stage": s.stage,
+                "attempt": s.attempt,
+                "status": CallStatus.IN_FLIGHT,
+                "error_category": None,
+                "latency_ms": 0,
+                "input_tokens": s.input_tokens,
+                "output_tokens": 0,
+                "cost_usd": s.cost_usd,
+                "created_at": s.created_at,
+            }
+            for s in started
+        ],
+    )
+    usage: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
+    for s in started:
+        u = usage[s.owner.batch_id]
+        u[0] += 1
+        u[1] += s.input_tokens
+        u[3] += s.cost_usd
+    _add_usage(session, usage)
+
+
+def finish_calls(session: Session, finished: Sequence[CallRecord]) -> None:
+    """Complete sent calls with what they really cost; a call already ``abandoned`` (its worker
+    was presumed dead, then reported after all) takes its real figures too."""
+    by_key = {c.call_key: c for c in finished if c.call_key}
+    if not by_key:
+        return
+    pc = PROVIDER_CALLS.c
+    stored = session.execute(
+        select(pc.call_key, pc.batch_id, pc.input_tokens, pc.output_tokens, pc.cost_usd)
+        .where(pc.call_key.in_(sorted(by_key)), pc.status.in_((CallStatus.IN_FLIGHT, CallStatus.ABANDONED)))
+        .order_by(pc.call_key)
+        .with_for_update()
+    ).all()
+    if not stored:
+        return
+    session.execute(
+        update(PROVIDER_CALLS)
+        .where(pc.call_key == bindparam("_key"))
+        .values(
+            status=bindparam("status"),
+            error_category=bindparam("error_category"),
+            latency_ms=bindparam("latency_ms"),
+            input_tokens=bindparam("input_tokens"),
+            output_tokens=bindparam("output_tokens"),
+            cost_usd=bindparam("cost_usd"),
+        ),
+        [
+            {
+                "_key": row.call_key,
+                "status": by_key[row.call_key].status,
+                "error_category": by_key[row.call_key].error_category,
+                "latency_ms": by_key[row.call_key].latency_ms,
+                "input_tokens": by_key[row.call_key].input_tokens,
+                "output_tokens": by_key[row.call_key].output_tokens,
+                "cost_usd": by_key[row.call_key].cost_usd,
+            }
+            for row in stored
+        ],
+    )
+    usage: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
+    for row in stored:
+        actual = by_key[row.call_key]
+        u = usage[row.batch_id]
+        u[1] += actual.input_tokens - row.input_tokens
+        u[2] += actual.output_tokens - row.output_tokens
+        u[3] += actual.cost_usd - row.cost_usd
+    _add_usage(session, usage)
+
+
 def record_calls(session: Session, calls: Iterable[tuple[CallOwner, CallRecord]]) -> int:
-    """Insert ledger rows in the caller's transaction (one executemany); returns how many."""
+    """Insert ledger rows of calls that were never sent (no in-flight row); returns how many."""
     rows = [
-        {**call.row(), "query_id": owner.query_id, "batch_id": owner.batch_id, "tenant_id": owner.tenant_id}
+        {
+            **call.row(),
+            "query_id": owner.query_id,
+            "batch_id": owner.batch_id,
+            "tenant_id": owner.tenant_id,
+        }
         for owner, call in calls
+        if call.call_key is None
     ]
-    if rows:
-        session.execute(insert(PROVIDER_CALLS), rows)
+    if not rows:
+        return 0
+    session.execute(insert(PROVIDER_CALLS), rows)
+    usage: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
+    for r in rows:
+        u = usage[r["batch_id"]]
+        u[0] += 1
+        u[1] += r["input_tokens"]
+        u[2] += r["output_tokens"]
+        u[3] += r["cost_usd"]
+    _add_usage(session, usage)
     return len(rows)
+
+
+def abandon_calls(session: Session, worker_ids: Sequence[str]) -> int:
+    """The in-flight calls of workers that died: ``abandoned``, with their estimate (already in the
+    batch's totals). Returns how many."""
+    if not worker_ids:
+        return 0
+    pc = PROVIDER_CALLS.c
+    keys = session.scalars(
+        select(pc.call_key)
+        .where(pc.worker_id.in_(sorted(worker_ids)), pc.status == CallStatus.IN_FLIGHT)
+        .order_by(pc.call_key)
+        .with_for_update()
+    ).all()
+    if keys:
+        session.execute(
+            update(PROVIDER_CALLS).where(pc.call_key.in_(keys)).values(status=CallStatus.ABANDONED)
+        )
+    return len(keys)
+
+
+def _add_usage(session: Session, usage: dict[str, list[float]]) -> None:
+    """Add to batches' totals; the first call of a batch creates its row (an upsert, on SQLite and
+    PostgreSQL alike)."""
+    if not usage:
+        return
+    dialect = session.get_bind().dialect.name
+    upsert = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(BATCH_USAGE)
+    u = BATCH_USAGE.c
+    stmt = upsert.on_conflict_do_update(
+        index_elements=[u.batch_id],
+        set_={
+            "calls": u.calls + upsert.excluded.calls,
+            "input_tokens": u.input_tokens + upsert.excluded.input_tokens,
+            "output_tokens": u.output_tokens + upsert.excluded.output_tokens,
+            "cost_usd": u.cost_usd + upsert.excluded.cost_usd,
+        },
+    )
+    # Sorted: every writer locks batch rows in the same order, so two never deadlock on them.
+    session.execute(
+        stmt,
+        [
+            {
+                "batch_id": b,
+                "calls": int(v[0]),
+                "input_tokens": int(v[1]),
+                "output_tokens": int(v[2]),
+                "cost_usd": v[3],
+            }
+            for b, v in sorted(usage.items())
+        ],
+    )
 
 
 # Latency percentiles are over the last quarter hour of recorded attempts.
@@ -66,13 +248,13 @@ LATENCY_SAMPLE = 20_000
 
 
 def recent_latencies(session: Session, since: int) -> dict[str, list[int]]:
+    """Latencies (ms) of the most recent finished attempts since ``since``, by provider."""
     rows = session.execute(
         select(col(ProviderCall.model), col(ProviderCall.latency_ms))
-        .where(col(ProviderCall.created_at) >= since)
+        .where(col(ProviderCall.created_at) >= since, col(ProviderCall.status) != CallStatus.IN_FLIGHT)
         .order_by(col(ProviderCall.id).desc())
         .limit(LATENCY_SAMPLE)
     ).all()
-    """Latencies (ms) of the most recent attempts since ``since``, by provider."""
     by_provider: dict[str, list[int]] = {}
     for model, latency in rows:
         by_provider.setdefault(model.partition(":")[0], []).append(latency)

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     # dramatiq's time limit for a query follows it, 30 s inside (shared/queue/contract.py), so a
     # query is stopped before its lease can pass to another worker.
     query_lease_seconds: int = Field(default=900, ge=60)
+    # Runs of one query that may end without an outcome (worker killed, time limit) before it
+    # fails with ``attempts_exhausted``; waits behind an open circuit do not count.
+    query_max_runs: int = Field(default=3, ge=1)
     # Retries of transient provider errors: per query (all calls together) and per call.
     query_retry_budget: int = Field(default=16, ge=0)
     call_max_attempts: int = Field(default=5, ge=1)

@@ -38,6 +38,7 @@ from shared.providers.http import make_client
 from shared.providers.registry import build_providers
 from shared.settings import Settings
 from workers.coalesce import Coalescer
+from workers.journal import CallJournal
 from workers.runner import Runner
 
 log = logging.getLogger("conclave.worker")
@@ -47,7 +48,8 @@ log = logging.getLogger("conclave.worker")
 DB_WRITE_ATTEMPTS = 4
 WRITE_BACKOFF_S = 0.2
 
-BatchConfig = tuple[dict[str, Any], dict[str, Any] | None, int]  # council, knowledge, expires_at
+# council, knowledge, expires_at, the creating request's trace carrier
+BatchConfig = tuple[dict[str, Any], dict[str, Any] | None, int, dict[str, str] | None]
 
 
 @dataclass
@@ -61,6 +63,7 @@ class WorkerContext:
     runner: Runner
     metrics: MetricsBuffer
     worker_id: str
+    journal: CallJournal
     write_backoff_s: float = WRITE_BACKOFF_S
     batch_cache_size: int = 1024
     progress: ProgressBuffer | None = None  # per-stage marks for the batch event streams
@@ -74,6 +77,7 @@ class WorkerContext:
     def close(self) -> None:
         self.claims.close()
         self.outcomes.close()
+        self.journal.close()
         if self.progress is not None:
             self.progress.stop()
 
@@ -90,11 +94,15 @@ class WorkerContext:
         """Outcomes in one transaction, then their batches finalised in a second one (it must
         start after the first commits; see ``shared.lifecycle.transitions.finalize_if_done``)."""
         for attempt in range(1, DB_WRITE_ATTEMPTS + 1):
+            # Completions the journal has not written yet go with the outcomes: a batch finalised
+            # next must see every call it paid for.
+            finished = self.journal.take_finished()
             try:
                 with write_transaction(self.sessions) as session:
-                    written = record_outcomes(session, outcomes, self.worker_id)
+                    written = record_outcomes(session, outcomes, self.worker_id, finished)
                 break
             except OperationalError as exc:
+                self.journal.restore(finished)
                 # The provider calls these outcomes hold were paid for, so giving up early
                 # would lose them from the ledger.
                 if attempt == DB_WRITE_ATTEMPTS:
@@ -134,7 +142,7 @@ class WorkerContext:
         return m.input_usd_per_mtok + m.output_usd_per_mtok
 
 
-def build_runner(settings: Settings, catalog: Catalog) -> Runner:
+def build_runner(settings: Settings, catalog: Catalog, journal: CallJournal, worker_id: str) -> Runner:
     return Runner(
         catalog,
         build_providers(catalog),
@@ -151,6 +159,8 @@ def build_runner(settings: Settings, catalog: Catalog) -> Runner:
             )
         ),
         namespace=settings.queue_namespace,
+        journal=journal,
+        worker_id=worker_id,
     )
 
 
@@ -162,17 +172,21 @@ def build_context(
     metrics: MetricsBuffer | None = None,
     sessions: sessionmaker[Session] | None = None,
     catalog: Catalog | None = None,
-    runner_factory: Callable[[Settings, Catalog], Runner] = build_runner,
+    runner_factory: Callable[[Settings, Catalog, CallJournal, str], Runner] = build_runner,
     progress: ProgressBuffer | None = None,
 ) -> WorkerContext:
     catalog = catalog or load_catalog(settings.providers_file, settings.sim_provider_url)
+    sessions = sessions or make_sessionmaker(
+        make_engine(settings.database_url, pool_size=settings.db_pool_size)
+    )
+    journal = CallJournal(sessions)
     return WorkerContext(
         settings=settings,
         broker=broker,
-        sessions=sessions
-        or make_sessionmaker(make_engine(settings.database_url, pool_size=settings.db_pool_size)),
+        sessions=sessions,
         catalog=catalog,
-        runner=runner_factory(settings, catalog),
+        journal=journal,
+        runner=runner_factory(settings, catalog, journal, worker_id),
         metrics=metrics or MetricsBuffer(redis.Redis.from_url(settings.redis_url), settings.queue_namespace),
         worker_id=worker_id,
         progress=progress

@@ -31,6 +31,7 @@ from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.broker import Broker
 from dramatiq.message import Message
 from dramatiq.middleware import CurrentMessage
+from dramatiq.middleware.time_limit import TimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
 from shared.knowledge.grounding import ground
@@ -41,7 +42,7 @@ from shared.logs import query_context
 from shared.progress import StageCalls
 from shared.queue.contract import ACTOR_NAMES, ACTOR_PRIORITY
 from shared.settings import PRIORITIES
-from shared.tracing import extract, tracer
+from shared.tracing import query_parent, request_links, tracer
 from workers.context import WorkerContext
 from workers.council import CouncilSpec, KnowledgeSnippet
 from workers.routing import route
@@ -54,6 +55,11 @@ log = logging.getLogger("conclave.worker")
 # restarting); reconciliation would find it too, but later.
 DB_RETRY_DELAY_MS = 5_000
 INTERNAL_ERROR = {"type": "internal_error", "message": "the worker failed"}
+TIME_LIMIT_ERROR = {"type": "timeout", "message": "the query ran past its time limit"}
+EXHAUSTED_ERROR = {
+    "type": "attempts_exhausted",
+    "message": "the query's runs were cut off too often (CONCLAVE_QUERY_MAX_RUNS)",
+}
 T = TypeVar("T")
 
 
@@ -96,16 +102,30 @@ def declare_actors(
 
 def process_query(ctx: WorkerContext, query_id: str) -> None:
     message = CurrentMessage.get_current_message()
-    parent = extract(message.options.get("trace") if message else None)
+    # Every run is a span in the query's own trace, the same on every run (shared.tracing),
+    # linked to the request that created the query: the message names it, or, for a message
+    # re-sent without it (reconciliation), the batch does once the claim has named the batch.
+    request = request_links(message.options.get("trace") if message else None)
     with (
         query_context(query_id),
         tracer().start_as_current_span(
-            "query", context=parent, attributes={"conclave.query_id": query_id}
+            "query",
+            context=query_parent(query_id, request),
+            links=request,
+            attributes={"conclave.query_id": query_id},
         ) as span,
     ):
         claimed = claim(ctx, query_id, message)
         if claimed is None:
             return  # finished, cancelled, or held by a live worker: nothing to do
+        if not request:
+            with ctx.sessions() as session:  # read once per process per batch (prepare needs it too)
+                *_, batch_trace = ctx.batch(session, claimed.batch_id)
+            for link in request_links(batch_trace):
+                span.add_link(link.context)
+        if claimed.runs > ctx.settings.query_max_runs:
+            exhaust(ctx, claimed)
+            return
         with query_context(query_id, claimed.batch_id):
             span.set_attribute("conclave.batch_id", claimed.batch_id)
             prepared = prepare(ctx, claimed)
@@ -123,9 +143,18 @@ def claim(ctx: WorkerContext, query_id: str, message: Message[Any] | None) -> Cl
         return None
 
 
+def exhaust(ctx: WorkerContext, claimed: ClaimedQuery) -> None:
+    """A query whose earlier runs all died with their workers (or were cut off) ends ``failed``
+    instead of running again: a query that kills its worker must not take the fleet down with it."""
+    log.warning("query %s failed after %d runs", claimed.id, claimed.runs - 1)
+    now = int(time.time())
+    ctx.outcomes.submit(Outcome(claimed, QueryStatus.FAILED, None, EXHAUSTED_ERROR, None, (), 0, now))
+    record_metrics(ctx, [], QueryStatus.FAILED)
+
+
 def prepare(ctx: WorkerContext, claimed: ClaimedQuery) -> Prepared:
     with ctx.sessions() as session:
-        council, knowledge, expires_at = ctx.batch(session, claimed.batch_id)
+        council, knowledge, expires_at, _ = ctx.batch(session, claimed.batch_id)
         snippets = (
             ground(session, claimed.tenant_id, claimed.request["messages"], knowledge) if knowledge else []
         )
@@ -154,7 +183,12 @@ def run(ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared) -> Ran:
     try:
         result = on_loop(
             ctx.runner.run(
-                claimed.id, claimed.request, prepared.spec, knowledge=prepared.grounding, calls=calls
+                claimed.id,
+                claimed.request,
+                prepared.spec,
+                knowledge=prepared.grounding,
+                calls=calls,
+                owner=claimed.owner,
             )
         )
         status, error = result.status, result.error
@@ -162,6 +196,11 @@ def run(ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared) -> Ran:
         record["citations"] = [s.id for s in prepared.grounding]
         if ctx.catalog.simulated:
             record["simulated"] = True
+    except TimeLimitExceeded:
+        # dramatiq interrupts the thread; the run's coroutine is cancelled and its sent calls are
+        # already with the journal. The query ends here rather than running again to the same end.
+        log.warning("query %s ran past its time limit", claimed.id)
+        status, error, record = QueryStatus.FAILED, TIME_LIMIT_ERROR, None
     except Exception:
         log.exception("query %s crashed", claimed.id)
         status, error, record = QueryStatus.FAILED, INTERNAL_ERROR, None

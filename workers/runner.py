@@ -20,14 +20,16 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
 
+from shared.ids import new_id
 from shared.keys import DEFAULT_NAMESPACE
-from shared.ledger import CallRecord
+from shared.ledger import CallOwner, CallRecord, StartedCall
+from shared.lifecycle.statuses import CallStatus
 from shared.providers import errors
 from shared.providers.base import ChatRequest, Provider
 from shared.providers.config import Catalog, split_model_id
@@ -41,6 +43,7 @@ from workers.council import (
     QueryInput,
     run_council,
 )
+from workers.journal import CallJournal
 
 # A query that failed behind an open circuit waits for the circuit's cooldown, +0-50% so the herd
 # comes back spread out, at least a few seconds; its last run must start this long before the
@@ -60,10 +63,11 @@ SYNTHESIS_MAX_TOKENS = 2048
 
 @dataclass
 class QueryRun:
-    """Per-query state: the shared retry budget and every attempt made."""
+    """Per-query state: the shared retry budget, every attempt made, whom the calls are for."""
 
     retry_budget: int
     calls: list[CallRecord] = field(default_factory=list)
+    owner: CallOwner | None = None
 
 
 class Runner:
@@ -81,6 +85,8 @@ class Runner:
         rng: random.Random | None = None,
         redis_client: aioredis.Redis | None = None,
         namespace: str = DEFAULT_NAMESPACE,
+        journal: CallJournal | None = None,
+        worker_id: str = "",
     ):
         self.catalog = catalog
         self.providers = providers
@@ -91,6 +97,9 @@ class Runner:
         self.review_max_tokens = review_max_tokens
         self.synthesis_max_tokens = synthesis_max_tokens
         self._rng = rng or random.Random()
+        # With a journal every sent call is in the ledger before it leaves (workers/journal.py).
+        self.journal = journal
+        self.worker_id = worker_id
         # Without Redis (unit tests) there is no shared breaker or rate limit, only the local cap.
         self.guards = {
             name: ProviderGuard(p, redis_client=redis_client, namespace=namespace)
@@ -117,10 +126,13 @@ class Runner:
         spec: CouncilSpec,
         knowledge: tuple[KnowledgeSnippet, ...] = (),
         calls: list[CallRecord] | None = None,
+        owner: CallOwner | None = None,
     ) -> CouncilResult:
         """Run the council; every attempt is appended to ``calls`` as it happens, so the caller
         keeps the record of calls made (and paid for) even if the run dies half-way."""
-        state = QueryRun(retry_budget=self.retry_budget, calls=calls if calls is not None else [])
+        state = QueryRun(
+            retry_budget=self.retry_budget, calls=calls if calls is not None else [], owner=owner
+        )
         query = QueryInput(
             query_id=query_id,
             messages=tuple(request["messages"]),
@@ -157,10 +169,11 @@ class Runner:
         while True:
             attempt += 1
             started = time.perf_counter()
+            sent = self._sender(state, model, call.stage, attempt, request)
             try:
-                result = await guard.call(self.client, request)
+                result = await guard.call(self.client, request, on_send=sent.write if sent else None)
             except errors.ProviderError as exc:
-                state.calls.append(_record(model, call.stage, attempt, started, error=exc))
+                self._note(state, _record(model, call.stage, attempt, started, error=exc), sent)
                 # An open circuit is not retried here: the next model in the chain (or the
                 # council's own degradation) answers instead of a slot waiting out a cooldown.
                 if (
@@ -176,7 +189,13 @@ class Runner:
                 state.retry_budget -= 1
                 await asyncio.sleep(self._backoff(attempt, exc.retry_after))
                 continue
-            state.calls.append(
+            except asyncio.CancelledError:
+                # The query was stopped mid-call (its time limit): what was sent stays on record.
+                if sent is not None and sent.written:
+                    self._note(state, _abandoned(model, call.stage, attempt, started, sent), sent)
+                raise
+            self._note(
+                state,
                 _record(
                     model,
                     call.stage,
@@ -184,9 +203,36 @@ class Runner:
                     started,
                     tokens=(result.input_tokens, result.output_tokens),
                     cost=price.cost(result.input_tokens, result.output_tokens),
-                )
+                ),
+                sent,
             )
             return result.text
+
+    def _sender(
+        self, state: QueryRun, model: str, stage: str, attempt: int, request: ChatRequest
+    ) -> _Sent | None:
+        if self.journal is None or state.owner is None:
+            return None
+        estimate = estimate_input_tokens(request.messages)
+        started = StartedCall(
+            call_key=new_id("call"),
+            owner=state.owner,
+            worker_id=self.worker_id,
+            model=model,
+            stage=stage,
+            attempt=attempt,
+            input_tokens=estimate,
+            cost_usd=self.catalog.model(model).cost(estimate, 0),
+            created_at=int(time.time()),
+        )
+        return _Sent(self.journal, started)
+
+    def _note(self, state: QueryRun, record: CallRecord, sent: _Sent | None) -> None:
+        """Keep the attempt with the query, and hand a sent one's completion to the journal."""
+        if sent is not None and sent.written:
+            record = replace(record, call_key=sent.call.call_key)
+            sent.journal.finished(record)
+        state.calls.append(record)
 
     async def healthy(self, models: Sequence[str]) -> set[str]:
         """The ``models`` whose provider's circuit is closed, as this process last read the shared
@@ -276,6 +322,40 @@ def _refused_providers(calls: Sequence[CallRecord]) -> list[str]:
     return sorted({c.model.partition(":")[0] for c in calls if c.error_category == "circuit_open"})
 
 
+@dataclass
+class _Sent:
+    """A call's in-flight row: written by ``write`` once the guard lets the call out."""
+
+    journal: CallJournal
+    call: StartedCall
+    written: bool = False
+
+    async def write(self) -> None:
+        await self.journal.started(self.call)
+        self.written = True
+
+
+def estimate_input_tokens(messages: Sequence[dict[str, str]]) -> int:
+    """Characters / 4, as the rate limiter guesses: what an abandoned call is charged."""
+    return sum(len(m.get("content", "")) for m in messages) // 4 + 4 * len(messages)
+
+
+def _abandoned(model: str, stage: str, attempt: int, started: float, sent: _Sent) -> CallRecord:
+    return CallRecord(
+        model=model,
+        stage=stage,
+        attempt=attempt,
+        status=CallStatus.ABANDONED,
+        error_category=None,
+        latency_ms=int((time.perf_counter() - started) * 1000),
+        input_tokens=sent.call.input_tokens,
+        output_tokens=0,
+        cost_usd=sent.call.cost_usd,
+        created_at=sent.call.created_at,
+        ended_ns=time.time_ns(),
+    )
+
+
 def _record(
     model: str,
     stage: str,
@@ -290,7 +370,7 @@ def _record(
         model=model,
         stage=stage,
         attempt=attempt,
-        status="failed" if error else "succeeded",
+        status=CallStatus.FAILED if error else CallStatus.SUCCEEDED,
         error_category=error.category if error else None,
         latency_ms=int((time.perf_counter() - started) * 1000),
         input_tokens=tokens[0],

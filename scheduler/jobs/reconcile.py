@@ -5,7 +5,8 @@ Each run:
    without persistence, a FLUSHALL, an API that died between commit and enqueue) are enqueued
    again;
 2. queries ``running`` on a worker that stopped beating (``shared/liveness.py``) go back to
-   ``queued`` and are enqueued again; so do those whose lease ran out;
+   ``queued`` and are enqueued again, and the calls it had in flight are marked ``abandoned``
+   in the ledger; so do queries whose lease ran out;
 3. dramatiq's own maintenance runs on every queue, so messages a dead worker had prefetched
    but not started go back to their queue now rather than at some random later time;
 4. a batch whose queries are all terminal but which is still ``in_progress`` or
@@ -14,6 +15,10 @@ Each run:
 
 Running a query twice at once stays impossible: a worker only runs a query it moved to
 ``running`` itself, and only the holder it names may write its outcome.
+
+The messages sent again carry no trace context: a query's trace is derived from its id and the
+worker links it to the creating request through the batch (``shared/tracing.py``), so a run
+after reconciliation lands in the same trace as the first.
 """
 
 from __future__ import annotations
@@ -114,7 +119,8 @@ class Reconciler:
             return 0
         priorities = {r.id: r.priority for r in orphans}
         with self.sessions.begin() as session:
-            moved = hand_back(session, [(r.id, r.worker_id) for r in orphans], now)
+            # The calls the dead workers had in flight become ``abandoned`` in the same transaction.
+            moved = hand_back(session, [(r.id, r.worker_id) for r in orphans], now, dead=sorted(dead))
         handed_back = [(qid, priorities[qid]) for qid in moved]
         if handed_back:
             enqueue_messages(self.broker, (query_message(qid, priority) for qid, priority in handed_back))

@@ -17,7 +17,7 @@ from sqlmodel import col
 
 from shared.errors import NotFound
 from shared.lifecycle.statuses import BATCH_TERMINAL
-from shared.models import Batch, Query
+from shared.models import BATCH_USAGE, Batch, Query
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class Counts:
 
 
 def counts_for(session: Session, batch_ids: Sequence[str]) -> dict[str, Counts]:
-    """Per-batch status counts and usage in one grouped query (always consistent: derived)."""
+    """Per-batch status counts (one grouped query over the queries) and usage (the batches' ledger
+    totals)."""
     acc: dict[str, dict[str, Any]] = {bid: {} for bid in batch_ids}
     if not batch_ids:
         return {}
@@ -48,20 +49,23 @@ def counts_for(session: Session, batch_ids: Sequence[str]) -> dict[str, Counts]:
             col(Query.batch_id),
             col(Query.status),
             func.count(),
-            func.coalesce(func.sum(col(Query.input_tokens)), 0),
-            func.coalesce(func.sum(col(Query.output_tokens)), 0),
-            func.coalesce(func.sum(col(Query.cost_usd)), 0.0),
         )
         .where(col(Query.batch_id).in_(batch_ids))
         .group_by(col(Query.batch_id), col(Query.status))
     ).all()
-    for batch_id, status, n, tin, tout, cost in rows:
+    for batch_id, status, n in rows:
         d = acc[batch_id]
         d[status] = d.get(status, 0) + n
         d["total"] = d.get("total", 0) + n
-        d["input_tokens"] = d.get("input_tokens", 0) + int(tin)
-        d["output_tokens"] = d.get("output_tokens", 0) + int(tout)
-        d["cost_usd"] = d.get("cost_usd", 0.0) + float(cost)
+    # Usage from the batch's ledger totals (shared/ledger.py): every call it paid for, including
+    # those of queries that expired, were cancelled late or taken over, and abandoned ones.
+    for usage in session.execute(select(BATCH_USAGE).where(BATCH_USAGE.c.batch_id.in_(batch_ids))).all():
+        d = acc[usage.batch_id]
+        d["input_tokens"], d["output_tokens"], d["cost_usd"] = (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cost_usd,
+        )
     return {bid: Counts(**d) for bid, d in acc.items()}
 
 
@@ -86,15 +90,18 @@ def list_batches(
     return rows[:limit], len(rows) > limit
 
 
-def batch_config(session: Session, batch_id: str) -> tuple[dict[str, Any], dict[str, Any] | None, int]:
-    """What a worker needs of a batch to run its queries: the council, the knowledge request, and
-    the end of its window (how long a query may wait for an open circuit)."""
+def batch_config(
+    session: Session, batch_id: str
+) -> tuple[dict[str, Any], dict[str, Any] | None, int, dict[str, str] | None]:
+    """What a worker needs of a batch to run its queries: the council, the knowledge request, the
+    end of its window (how long a query may wait for an open circuit) and the creating request's
+    trace carrier (what each query's trace links to, shared.tracing)."""
     row = session.execute(
-        select(col(Batch.council), col(Batch.knowledge), col(Batch.expires_at)).where(
+        select(col(Batch.council), col(Batch.knowledge), col(Batch.expires_at), col(Batch.trace)).where(
             col(Batch.id) == batch_id
         )
     ).one()
-    return row.council, row.knowledge, row.expires_at
+    return row.council, row.knowledge, row.expires_at, row.trace
 
 
 def batch_object(batch: Batch, counts: Counts, now: int | None = None) -> dict[str, Any]:

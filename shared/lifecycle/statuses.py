@@ -30,10 +30,15 @@ class QueryStatus(StrEnum):
 
 
 class CallStatus(StrEnum):
-    """One attempt at one provider call (the ledger's rows), and a council member's outcome."""
+    """One attempt at one provider call (the ledger's rows), and a council member's outcome.
+
+    A call sent to a provider is written ``in_flight`` before it is sent; it ends ``succeeded`` or
+    ``failed``, or ``abandoned`` when its worker died first (it keeps its input-token estimate)."""
 
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    IN_FLIGHT = "in_flight"
+    ABANDONED = "abandoned"
 
 
 BATCH_TERMINAL = frozenset(

@@ -25,7 +25,7 @@ from sqlmodel import col
 
 from shared.db import affected
 from shared.errors import Conflict
-from shared.ledger import CallOwner, CallRecord, record_calls
+from shared.ledger import CallOwner, CallRecord, abandon_calls, finish_calls, record_calls
 from shared.lifecycle.statuses import BATCH_ACCEPTING, QUERY_OPEN, BatchStatus, QueryStatus
 from shared.models import QUERIES, Batch, Query
 from shared.webhooks.events import emit_batch_event
@@ -41,6 +41,13 @@ class ClaimedQuery:
     priority: str
     request: dict[str, Any]
     attempts: int
+    circuit_waits: int = 0
+
+    @property
+    def runs(self) -> int:
+        """Runs counted against ``CONCLAVE_QUERY_MAX_RUNS``: claims, less those that only waited
+        out an open circuit."""
+        return self.attempts - self.circuit_waits
 
     @property
     def owner(self) -> CallOwner:
@@ -87,20 +94,30 @@ def claim_queries(
             attempts=q.attempts + 1,
             started_at=now,
         )
-        .returning(q.id, q.batch_id, q.tenant_id, q.priority, q.request, q.attempts)
+        .returning(q.id, q.batch_id, q.tenant_id, q.priority, q.request, q.attempts, q.circuit_waits)
     ).all()
     return {
-        r.id: ClaimedQuery(r.id, r.batch_id, r.tenant_id, r.priority, r.request, r.attempts) for r in rows
+        r.id: ClaimedQuery(r.id, r.batch_id, r.tenant_id, r.priority, r.request, r.attempts, r.circuit_waits)
+        for r in rows
     }
 
 
-def record_outcomes(session: Session, outcomes: Sequence[Outcome], worker_id: str) -> list[bool]:
+def record_outcomes(
+    session: Session,
+    outcomes: Sequence[Outcome],
+    worker_id: str,
+    finished: Sequence[CallRecord] = (),
+) -> list[bool]:
     """``running`` → its outcome (or back to ``queued`` when ``requeue_at`` is set), for many
     queries in the caller's transaction; for each, whether it was still ours to write (a query
-    taken over by another worker, expired or cancelled keeps what it has)."""
+    taken over by another worker, expired or cancelled keeps what it has).
+
+    ``finished``: sent calls whose completion the ledger has not yet written (the worker's call
+    journal hands them over), written first so a batch finalised next sees its whole cost."""
     # Calls are recorded even when the outcome is not ours to write: they were made and cost
     # money. On SQLite this first write also takes the database's write lock, so the read
     # below cannot go stale before the update.
+    finish_calls(session, finished)
     record_calls(session, ((o.claimed.owner, c) for o in outcomes for c in o.calls))
     q = QUERIES.c
     ids = sorted({o.claimed.id for o in outcomes})
@@ -128,6 +145,7 @@ def record_outcomes(session: Session, outcomes: Sequence[Outcome], worker_id: st
             "finished_at": None if o.requeue_at else o.now,
             "worker_id": None if o.requeue_at else worker_id,
             "requeue_at": o.requeue_at,
+            "waited": 1 if o.requeue_at else 0,
         }
         for o in outcomes
         if o.claimed.id in held
@@ -149,6 +167,7 @@ def record_outcomes(session: Session, outcomes: Sequence[Outcome], worker_id: st
                 finished_at=bindparam("finished_at"),
                 worker_id=bindparam("worker_id"),
                 enqueued_at=func.coalesce(bindparam("requeue_at", type_=Integer), q.enqueued_at),
+                circuit_waits=q.circuit_waits + bindparam("waited"),
                 lease_expires_at=None,
             ),
             rows,
@@ -156,10 +175,14 @@ def record_outcomes(session: Session, outcomes: Sequence[Outcome], worker_id: st
     return [o.claimed.id in held for o in outcomes]
 
 
-def hand_back(session: Session, holders: Sequence[tuple[str, str | None]], now: int) -> list[str]:
+def hand_back(
+    session: Session, holders: Sequence[tuple[str, str | None]], now: int, dead: Sequence[str] = ()
+) -> list[str]:
     """``running`` → ``queued`` for (query id, holder) pairs judged dead or past their lease;
     conditional on that holder, so a query that finished meanwhile stays as it is. Returns the
-    ids that moved."""
+    ids that moved. The calls the ``dead`` workers had in flight become ``abandoned`` in the same
+    transaction."""
+    abandon_calls(session, dead)
     moved_ids = []
     for query_id, worker_id in holders:
         holder = col(Query.worker_id) == worker_id if worker_id else col(Query.worker_id).is_(None)

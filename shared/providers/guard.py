@@ -8,6 +8,7 @@ knows nothing of any of this.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import httpx
 import redis.asyncio as aioredis
@@ -43,7 +44,14 @@ class ProviderGuard:
             limiter = RateLimiter(redis_client, keys.ratelimit(namespace, cfg.name), rpm=cfg.rpm, tpm=cfg.tpm)
             self.limiter = limiter if limiter.active else None
 
-    async def call(self, client: httpx.AsyncClient, request: ChatRequest) -> ChatResult:
+    async def call(
+        self,
+        client: httpx.AsyncClient,
+        request: ChatRequest,
+        on_send: Callable[[], Awaitable[None]] | None = None,
+    ) -> ChatResult:
+        """The call through breaker, limiter and cap; ``on_send`` runs once all three let it
+        through, right before the request goes out (the worker writes the call's ledger row)."""
         probe = False
         if self.breaker is not None:
             allowed, probe, wait = await self.breaker.acquire()
@@ -65,6 +73,8 @@ class ProviderGuard:
                 raise
         try:
             async with self._slots:
+                if on_send is not None:
+                    await on_send()
                 result = await self.provider.complete(client, request)
         except errors.ProviderError as exc:
             if self.breaker is not None:

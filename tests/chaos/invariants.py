@@ -12,7 +12,12 @@ simulated provider's own request log:
   chairman, and none for the others;
 - the provider answered each query's chairman call once, except for queries a killed worker held
   (``interrupted``): its call may have reached the provider before it died;
-- the batch's terminal event was emitted once per webhook target.
+- the batch's terminal event was emitted once per webhook target;
+- the ledger (SPEC §17): every call the provider saw is a ledger row (succeeded, failed, or
+  abandoned when its worker died: none left in flight), and no row is a call that was never sent
+  but for abandoned ones; the batch's cost and tokens equal the sum of its rows; and no query
+  ran more than ``CONCLAVE_QUERY_MAX_RUNS`` times (runs that only waited
+  out an open circuit aside).
 
 It returns the figures the test prints.
 """
@@ -28,7 +33,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlmodel import col
 
+from shared.lifecycle.statuses import CallStatus
 from shared.models import ProviderCall, Query, WebhookDelivery
+from shared.settings import Settings
 from shared.sim import SimServer
 from tests.chaos.conftest import QUERIES, Chaos
 from tests.helpers import counts_add_up, jsonl, sim_log, wait_for_batch
@@ -54,6 +61,7 @@ class Figures:
     # Queries that succeeded with less than the full council: a member failed, or no chairman.
     degraded: int
     repeated_at_provider: set[str] = field(default_factory=set)
+    ledger: dict[str, int] = field(default_factory=dict)  # ledger rows by status
 
     def line(self, **extra: object) -> str:
         counts = self.batch["request_counts"]
@@ -66,6 +74,7 @@ class Figures:
             "attempts": dict(sorted(self.attempts.items())),
             "synthesis": dict(sorted(self.synthesis.items())),
             "chairman_answered_twice": len(self.repeated_at_provider),
+            "ledger": dict(sorted(self.ledger.items())),
             **extra,
         }
         return " ".join(f"{k}={v}" for k, v in parts.items())
@@ -141,7 +150,18 @@ def check_batch(
                 col(Query.attempts),
                 col(Query.lease_expires_at),
                 col(Query.finished_at),
+                col(Query.circuit_waits),
+                col(Query.error),
             ).where(col(Query.batch_id) == batch_id)
+        ).all()
+        ledger = session.execute(
+            select(
+                col(ProviderCall.status),
+                col(ProviderCall.call_key),
+                col(ProviderCall.input_tokens),
+                col(ProviderCall.output_tokens),
+                col(ProviderCall.cost_usd),
+            ).where(col(ProviderCall.batch_id) == batch_id)
         ).all()
         synthesised = dict(
             session.execute(
@@ -169,22 +189,48 @@ def check_batch(
 
     # The ledger: one succeeded synthesis for each query answered by a chairman, none for the others.
     synthesis_of = {r["query_id"]: r["synthesis"] if r["status"] == "succeeded" else None for r in records}
+    # A query a killed worker held may have paid for a synthesis in the run that died too.
+    interrupted_ids = {r["query_id"] for r in records if r["custom_id"] in interrupted}
     wrong = {
         qid: (s, synthesised.get(qid, 0))
         for qid, s in synthesis_of.items()
         if synthesised.get(qid, 0) != (1 if s in CHAIRED else 0)
+        and not (qid in interrupted_ids and synthesised.get(qid, 0) >= (1 if s in CHAIRED else 0))
     }
     assert not wrong, f"{len(wrong)} queries with a wrong number of syntheses, e.g. {list(wrong.items())[:5]}"
+
+    # The ledger equals what the provider saw, and the batch's totals equal the ledger.
+    provider_log = [rec for rec in sim_log(sim.url) if f"[tag:{prefix}-" in rec["text"]]
+    ledger_status = Counter(c.status for c in ledger)
+    assert ledger_status[CallStatus.IN_FLIGHT] == 0, ledger_status
+    # Every call the provider answered is a row with its real figures; a call a dying worker had
+    # in flight is an abandoned row. A worker killed between writing a call's row and its bytes
+    # leaving leaves a row for a call the provider never saw: which of its abandoned calls got
+    # through cannot be known from the worker's side, so the ledger errs toward the larger bill.
+    finished = sum(1 for c in ledger if c.call_key is not None and c.status != CallStatus.ABANDONED)
+    abandoned = ledger_status[CallStatus.ABANDONED]
+    assert finished <= len(provider_log) <= finished + abandoned, (finished, abandoned, len(provider_log))
+    assert final["cost_usd"] == round(sum(c.cost_usd for c in ledger), 8)
+    assert final["usage"]["input_tokens"] == sum(c.input_tokens for c in ledger)
+    assert final["usage"]["output_tokens"] == sum(c.output_tokens for c in ledger)
+    max_runs = Settings().query_max_runs
+    overrun = [
+        r.id
+        for r in rows
+        if r.attempts - r.circuit_waits > max_runs
+        and not (
+            r.attempts - r.circuit_waits == max_runs + 1
+            and (r.error or {}).get("type") == "attempts_exhausted"
+        )
+    ]
+    assert not overrun, f"{len(overrun)} queries ran more than {max_runs} times"
 
     # The provider: each chairman answer it gave went to a query that used it, once, unless a killed
     # worker held that query.
     answered = Counter(
         match.group(1)
-        for rec in sim_log(sim.url)
-        if rec["model"] == "chairman"
-        and rec["outcome"] == "ok"
-        and f"[tag:{prefix}-" in rec["text"]
-        and (match := _TAG.search(rec["text"]))
+        for rec in provider_log
+        if rec["model"] == "chairman" and rec["outcome"] == "ok" and (match := _TAG.search(rec["text"]))
     )
     chaired = [r for r in records if r["status"] == "succeeded" and r["synthesis"] == "chairman"]
     expected = Counter(tag_of(r["custom_id"]) for r in chaired)
@@ -203,4 +249,5 @@ def check_batch(
         synthesis=Counter(r["synthesis"] or r["status"] for r in records),
         degraded=degraded,
         repeated_at_provider={tag for tag, n in answered.items() if n > 1},
+        ledger={**ledger_status, "provider_saw": len(provider_log)},
     )

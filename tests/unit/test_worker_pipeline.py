@@ -20,18 +20,18 @@ from dramatiq import Worker
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AsyncIO, CurrentMessage, TimeLimit
-from sqlalchemy import event, insert, select
+from sqlalchemy import event, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import SQLModel, col
 
 from shared.db import make_engine, make_sessionmaker
 from shared.ids import new_id, new_ids
-from shared.lifecycle.statuses import BatchStatus, QueryStatus
+from shared.lifecycle.statuses import BatchStatus, CallStatus, QueryStatus
 from shared.lifecycle.transitions import finalize_stragglers
 from shared.logs import JsonFormatter
 from shared.metrics import MetricsBuffer
-from shared.models import BATCHES, QUERIES, Batch, ProviderCall, Query, Tenant
+from shared.models import BATCHES, QUERIES, Batch, BatchUsage, ProviderCall, Query, Tenant
 from shared.providers.config import simulated_catalog
 from shared.providers.http import make_client
 from shared.providers.registry import build_providers
@@ -41,6 +41,7 @@ from shared.sim import SimServer
 from workers import pipeline
 from workers.broker import make_worker_broker
 from workers.context import WorkerContext, build_context
+from workers.journal import CallJournal
 from workers.pipeline import declare_actors
 from workers.runner import Runner
 
@@ -54,12 +55,13 @@ class Faults:
         self.rules: list[list[Any]] = []
         event.listen(engine, "before_cursor_execute", self._before)
 
-    def fail(self, startswith: str, times: int) -> None:
-        self.rules.append([startswith, times])
+    def fail(self, fragment: str, times: int) -> None:
+        """Statements containing ``fragment`` (any case) fail."""
+        self.rules.append([fragment.upper(), times])
 
     def _before(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         for rule in self.rules:
-            if rule[1] > 0 and statement.lstrip().upper().startswith(rule[0]):
+            if rule[1] > 0 and rule[0] in " ".join(statement.upper().split()):
                 rule[1] -= 1
                 raise OperationalError(statement, {}, Exception("injected: database is locked"))
 
@@ -78,8 +80,15 @@ class Harness:
         self.broker = StubBroker(middleware=[CurrentMessage(), AsyncIO()])
         catalog = simulated_catalog(sim_url)
 
-        def runner(settings: Settings, catalog: Any) -> Runner:
-            return Runner(catalog, build_providers(catalog), make_client(), min_answers=2)
+        def runner(settings: Settings, catalog: Any, journal: CallJournal, worker_id: str) -> Runner:
+            return Runner(
+                catalog,
+                build_providers(catalog),
+                make_client(),
+                min_answers=2,
+                journal=journal,
+                worker_id=worker_id,
+            )
 
         self.ctx: WorkerContext = build_context(
             self.settings,
@@ -223,8 +232,8 @@ def test_an_outcome_write_that_fails_is_retried_and_nothing_is_lost(
     harness: Harness, worker_logs: list[dict[str, Any]]
 ) -> None:
     batch_id, ids = harness.batch(3)
-    # The ledger insert is the first statement of an outcome write: fail it three times (of four).
-    harness.faults.fail("INSERT INTO PROVIDER_CALLS", times=3)
+    # The outcome's own update: fail it three times (of four attempts).
+    harness.faults.fail("result=?, error=?", times=3)
     harness.start(threads=1)
     harness.run(ids)
     assert [q.status for q in harness.queries(batch_id)] == [QueryStatus.SUCCEEDED] * 3
@@ -232,6 +241,40 @@ def test_an_outcome_write_that_fails_is_retried_and_nothing_is_lost(
     assert harness.batch_status(batch_id) == BatchStatus.COMPLETED
     retries = [line for line in worker_logs if "retrying" in line["message"]]
     assert len(retries) == 3
+
+
+def test_call_rows_are_written_before_sending_and_a_failed_write_is_retried(
+    harness: Harness, worker_logs: list[dict[str, Any]]
+) -> None:
+    batch_id, ids = harness.batch(2)
+    harness.faults.fail("INSERT INTO provider_calls", times=2)
+    harness.start(threads=2)
+    harness.run(ids)
+    assert [q.status for q in harness.queries(batch_id)] == [QueryStatus.SUCCEEDED] * 2
+    with harness.sessions() as s:
+        calls = s.scalars(select(ProviderCall).where(col(ProviderCall.batch_id) == batch_id)).all()
+        usage = s.get(BatchUsage, batch_id)
+    assert len(calls) == 2 * 7 and all(c.call_key and c.status == CallStatus.SUCCEEDED for c in calls)
+    assert usage is not None and usage.calls == 14
+    assert usage.cost_usd == pytest.approx(sum(c.cost_usd for c in calls))
+    assert (usage.input_tokens, usage.output_tokens) == (
+        sum(c.input_tokens for c in calls),
+        sum(c.output_tokens for c in calls),
+    )
+    assert len([line for line in worker_logs if "call rows failed" in line["message"]]) == 2
+
+
+def test_a_query_cut_off_too_often_fails_with_attempts_exhausted(harness: Harness) -> None:
+    """Runs that ended without an outcome (a worker killed mid-run) count; circuit waits do not."""
+    batch_id, (qid,) = harness.batch(1)
+    with harness.sessions.begin() as s:
+        s.execute(update(Query).where(col(Query.id) == qid).values(attempts=5, circuit_waits=2))
+    harness.start(threads=1)
+    harness.run([qid])
+    (query,) = harness.queries(batch_id)
+    assert (query.status, query.error) == (QueryStatus.FAILED, pipeline.EXHAUSTED_ERROR)
+    assert harness.calls(batch_id) == 0
+    assert harness.batch_status(batch_id) == BatchStatus.COMPLETED
 
 
 def test_a_failed_finalise_leaves_the_outcomes_and_reconciliation_finishes_the_batch(

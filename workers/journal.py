@@ -1,0 +1,124 @@
+"""The worker's call journal: every provider call is in the ledger before it is sent, and its
+completion reaches the ledger whatever then happens to its query.
+
+``started`` (awaited on the event loop, just before the request goes out) writes the call's
+in-flight row; ``finished`` (never blocks) queues its completion. One flusher thread writes
+whatever queued up while it was busy in one transaction, like ``workers/coalesce.py`` (no timer:
+an idle worker adds no latency, a busy one writes in larger groups). The outcome write of a query
+takes the completions still queued (``take_finished``) into its own transaction, so a batch
+finalised right after sees its whole cost.
+
+Why not only at the outcome, as before: a query killed by its time limit, or whose outcome write
+failed four times, dropped its calls, and a ``kill -9`` lost the calls of every query its worker
+held, although every one of them had reached a provider and cost money.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import write_transaction
+from shared.ledger import CallRecord, StartedCall, finish_calls, start_calls
+
+log = logging.getLogger("conclave.worker")
+
+WRITE_ATTEMPTS = 4
+RETRY_BACKOFF_S = 0.2
+
+
+class CallJournal:
+    def __init__(self, sessions: sessionmaker[Session]):
+        self._sessions = sessions
+        self._starts: list[tuple[StartedCall, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._finished: list[CallRecord] = []
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="conclave-journal", daemon=True)
+        self._thread.start()
+        self.groups = 0  # flushes run (for tests)
+
+    async def started(self, call: StartedCall) -> None:
+        """Returns once the call's in-flight row is committed; raises what the write raised."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the call journal is closed")
+            self._starts.append((call, loop, future))
+            self._ready.notify()
+        await future
+
+    def finished(self, call: CallRecord) -> None:
+        if call.call_key is None:
+            return  # never sent: its query's outcome records it
+        with self._ready:
+            self._finished.append(call)
+            self._ready.notify()
+
+    def take_finished(self) -> list[CallRecord]:
+        """The completions not yet written, for the caller to write in its own transaction; give
+        them back with ``restore`` if that transaction fails."""
+        with self._ready:
+            taken, self._finished = self._finished, []
+        return taken
+
+    def restore(self, calls: Sequence[CallRecord]) -> None:
+        if calls:
+            with self._ready:
+                self._finished[:0] = calls
+                self._ready.notify()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._starts and not self._finished and not self._closed:
+                    self._ready.wait()
+                if not self._starts and not self._finished:
+                    return
+                starts, self._starts = self._starts, []
+                finished, self._finished = self._finished, []
+            self.groups += 1
+            error = self._write([s for s, _, _ in starts], finished)
+            if error is not None:
+                self.restore(finished)
+            for _, loop, future in starts:
+                loop.call_soon_threadsafe(_settle, future, error)
+            if error is not None and finished:
+                time.sleep(RETRY_BACKOFF_S)  # the database is in trouble: do not spin on it
+
+    def _write(self, starts: list[StartedCall], finished: list[CallRecord]) -> BaseException | None:
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                with write_transaction(self._sessions) as session:
+                    start_calls(session, starts)
+                    finish_calls(session, finished)
+                return None
+            except OperationalError as exc:
+                rows = len(starts) + len(finished)
+                log.warning("writing %d call rows failed (%s)", rows, type(exc).__name__)
+                if attempt == WRITE_ATTEMPTS:
+                    return exc
+                time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+        return None
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():  # the call was cancelled while it waited
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
