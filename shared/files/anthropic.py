@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.files.lines import CUSTOM_ID_MAX, LineRules, ParsedLine, check_body
+from shared.files.lines import CUSTOM_ID_MAX, LineRules, ParsedLine, check_body, is_text
 from shared.lifecycle.statuses import BATCH_TERMINAL, BatchStatus
 from shared.providers.config import Catalog
 
@@ -71,7 +71,7 @@ def parse_requests(
             problems.append((here, "must be an object with 'custom_id' and 'params'"))
             continue
         custom_id = item.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id or len(custom_id) > CUSTOM_ID_MAX:
+        if not is_text(custom_id) or not custom_id or len(custom_id) > CUSTOM_ID_MAX:
             problems.append((f"{here}.custom_id", f"must be a string of 1 to {CUSTOM_ID_MAX} characters"))
             custom_id = None
         elif custom_id in seen:

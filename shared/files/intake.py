@@ -14,10 +14,10 @@ provider is called. Invalid Anthropic requests are refused with a 422, as Anthro
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from typing import Literal
 
-import orjson
 from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,9 +37,10 @@ MESSAGES_URL = "/v1/messages"
 
 
 def _fingerprint(payload: BatchCreate | MessageBatchCreate) -> str:
-    return hashlib.sha256(
-        orjson.dumps(payload.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-    ).hexdigest()
+    # The standard library's encoder: a request's free-form parts may hold what orjson refuses
+    # (integers beyond 64 bits, lone surrogates), and a fingerprint must never fail.
+    canonical = json.dumps(payload.model_dump(mode="json"), sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _admit(

@@ -71,18 +71,26 @@ def resolve_work(model: Any, catalog: Catalog) -> dict[str, Any] | str:
     return {"mode": "single", "members": [model_id], "chairman": model_id}
 
 
+def is_text(value: Any) -> bool:
+    """A string that can be stored and sent: a JSON body parsed by the standard library may hold
+    lone surrogates, which no database driver or provider accepts."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _text(content: Any) -> str | None:
     """A message's text: a string, or OpenAI/Anthropic content parts of type text."""
     if isinstance(content, str):
-        return content
+        return content if is_text(content) else None
     if isinstance(content, list) and content:
         texts = []
         for part in content:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
+            if not isinstance(part, dict) or part.get("type") != "text" or not is_text(part.get("text")):
                 return None
             texts.append(part["text"])
         return "\n".join(texts)

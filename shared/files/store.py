@@ -119,12 +119,12 @@ def store_upload(
 def _expiry(fields: dict[str, str], default_s: int) -> int:
     """Seconds to keep the file: OpenAI's ``expires_after[anchor]=created_at`` and
     ``expires_after[seconds]``, or the default."""
-    seconds = fields.get("expires_after[seconds]")
-    if seconds is None:
-        return default_s
     anchor = fields.get("expires_after[anchor]", "created_at")
     if anchor != "created_at":
         raise InvalidField("expires_after.anchor must be 'created_at'", param="expires_after.anchor")
+    seconds = fields.get("expires_after[seconds]")
+    if seconds is None:
+        return default_s
     if not seconds.strip().isdigit() or not MIN_EXPIRY_S <= int(seconds) <= MAX_EXPIRY_S:
         raise InvalidField(
             f"expires_after.seconds must be an integer from {MIN_EXPIRY_S} to {MAX_EXPIRY_S}",

@@ -249,4 +249,19 @@ def test_uploads_are_refused_whole_over_the_limits(api: httpx.Client) -> None:
     assert no_file.status_code == 422 and no_file.json()["error"]["param"] == "file"
     not_form = api.post("/v1/files", content=b"{}", headers={"content-type": "application/json"})
     assert not_form.status_code == 400
+    no_purpose = api.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")})
+    assert no_purpose.status_code == 422 and no_purpose.json()["error"]["param"] == "purpose"
+    anchor = api.post(
+        "/v1/files",
+        files={"file": ("a.jsonl", b"{}\n")},
+        data={"purpose": "batch", "expires_after[anchor]": "last_used"},
+    )
+    assert anchor.status_code == 422 and anchor.json()["error"]["param"] == "expires_after.anchor"
+    kept = api.post(
+        "/v1/files",
+        files={"file": ("a.jsonl", b"{}\n")},
+        data={"purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"},
+    ).json()
+    assert kept["expires_at"] == kept["created_at"] + 3600
+    api.delete(f"/v1/files/{kept['id']}")
     assert api.get("/v1/files").json()["data"] == []

@@ -331,3 +331,30 @@ def test_a_message_batch_is_a_view_of_a_batch() -> None:
     ended = anthropic.message_batch({**batch, "status": "cancelled", "cancelled_at": 1700000200}, "u")
     assert ended["processing_status"] == "ended" and ended["results_url"] == "u"
     assert ended["ended_at"] == "2023-11-14T22:16:40Z"
+
+
+def test_text_that_cannot_be_stored_is_refused_not_crashed_on() -> None:
+    # A JSON body parsed by the standard library may carry lone surrogates; no driver stores them.
+    _, problems = anthropic.parse_requests(
+        [
+            {
+                "custom_id": "a\udc00",
+                "params": {
+                    "model": "council",
+                    "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "hi \ud800"}],
+                },
+            }
+        ],
+        CATALOG,
+        RULES,
+    )
+    assert [p for p, _ in problems] == ["requests[0].custom_id", "requests[0].params.messages[0].content"]
+
+
+def test_an_idempotency_fingerprint_takes_any_json() -> None:
+    from shared.files.intake import _fingerprint
+    from shared.schemas import MessageBatchCreate
+
+    odd = MessageBatchCreate(requests=[{"custom_id": "a", "params": {"n": 2**70, "s": "\udc00"}}])
+    assert _fingerprint(odd) == _fingerprint(odd.model_copy()) and len(_fingerprint(odd)) == 64
