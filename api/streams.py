@@ -26,11 +26,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import orjson
 import redis.asyncio as aioredis
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AppState
@@ -216,11 +217,24 @@ class ProgressHub:
         self.namespace = state.settings.queue_namespace
         self.feeds: dict[str, BatchFeed] = {}
         self._listener: asyncio.Task[None] | None = None
+        # Set by sse-starlette when the server shuts down: every stream then ends cleanly (the
+        # client resumes on another replica) instead of holding the shutdown up.
+        self.shutdown: anyio.Event | None = None
+        self.closing = False
+        self._closer: asyncio.Task[None] | None = None
+
+    def start(self) -> anyio.Event:
+        """Start the process's subscription (once, on the running loop); returns the shutdown event."""
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen())
+        if self.shutdown is None:
+            self.shutdown = anyio.Event()
+            self._closer = asyncio.create_task(self._close_on_shutdown(self.shutdown))
+        return self.shutdown
 
     @contextlib.asynccontextmanager
     async def follow(self, batch_id: str, want_queries: bool) -> AsyncIterator[BatchFeed]:
-        if self._listener is None or self._listener.done():
-            self._listener = asyncio.create_task(self._listen())
+        self.start()
         feed = self.feeds.get(batch_id)
         if feed is None:
             feed = self.feeds[batch_id] = BatchFeed(self, batch_id)
@@ -239,6 +253,12 @@ class ProgressHub:
                 if self.feeds.get(batch_id) is feed:
                     del self.feeds[batch_id]
                 feed.wake.set()
+
+    async def _close_on_shutdown(self, shutdown: anyio.Event) -> None:
+        await shutdown.wait()
+        self.closing = True
+        for feed in list(self.feeds.values()):
+            feed.changed.set()
 
     async def _listen(self) -> None:
         """Wake a feed when a worker announces a change to its batch; without Redis, feeds poll."""
@@ -281,7 +301,7 @@ async def _events(feed_ctx: Any, cursor: Cursor, want_queries: bool) -> AsyncIte
         last_write = time.monotonic()
         pos: int | None = None
         yield b"retry: 2000\n\n"
-        while True:
+        while not feed.hub.closing:
             waiter = feed.changed
             out: list[bytes] = []
             if want_queries and feed.queries_loaded:
@@ -353,7 +373,7 @@ async def open_stream(
     batch_id: str,
     want_queries: bool,
     last_event_id: str | None,
-) -> StreamingResponse:
+) -> EventSourceResponse:
     """The event stream of one of the tenant's batches (404 for anyone else's, before any byte)."""
 
     def check() -> None:
@@ -362,9 +382,8 @@ async def open_stream(
 
     await run_in_threadpool(check)
     hub = hub_of(request)
-    body = _events(hub.follow(batch_id, want_queries), Cursor.parse(last_event_id), want_queries)
-    return StreamingResponse(
-        body,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    feed = hub.follow(batch_id, want_queries)
+    body = _events(feed, Cursor.parse(last_event_id), want_queries)
+    # sse-starlette ends the stream when the server shuts down (uvicorn would otherwise wait for
+    # every open stream to close); keep-alives are ours (sent only when a stream is idle).
+    return EventSourceResponse(body, ping=0, shutdown_event=hub.start(), shutdown_grace_period=2.0)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse
 
 from api.dashboard.auth import SameOrigin, SessionOperator, SessionPrincipal, SessionWriter
 from api.deps import SessionDep, StateDep
@@ -116,7 +117,7 @@ async def events(
     principal: SessionPrincipal,
     queries: bool = False,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=256)] = None,
-) -> StreamingResponse:
+) -> EventSourceResponse:
     return await open_stream(request, state, principal.tenant_id, batch_id, queries, last_event_id)
 
 

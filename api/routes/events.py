@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse
 
 from api.deps import PrincipalDep, StateDep
 from api.responses import ERROR_RESPONSES
@@ -20,7 +20,7 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 @router.get(
     "/{batch_id}/events",
-    response_class=StreamingResponse,
+    response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
 )
 async def batch_events(
@@ -30,7 +30,7 @@ async def batch_events(
     principal: PrincipalDep,
     queries: bool = False,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=256)] = None,
-) -> StreamingResponse:
+) -> EventSourceResponse:
     """``event: progress`` at most once a second and only on change, ``event: query`` per
     finished query (``?queries=true``), ``event: end`` with the final batch object; every event
     has an id, and reconnecting with ``Last-Event-ID`` (to any replica) misses nothing."""
