@@ -1,6 +1,7 @@
 """Client commands: submit, status, results, cancel — HTTP calls to a running API.
 
-Settings: ``CONCLAVE_API_URL`` and ``CONCLAVE_API_KEY``.
+Settings: ``CONCLAVE_API_URL`` and ``CONCLAVE_API_KEY``. Rate limits are handled below the
+commands, in the client's transport (``ratelimit.py``): they never exit on a 429 they can wait out.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from shared.cli.ratelimit import RateLimitTransport
 from shared.settings import get_settings
 
 console = Console(stderr=True)
@@ -29,9 +31,18 @@ def api_client(url: str | None = None, key: str | None = None) -> httpx.Client:
     if not key:
         console.print("[red]set CONCLAVE_API_KEY (create one with 'conclave keys create')[/red]")
         raise typer.Exit(2)
+    # Every request goes through one rate-limit layer: paced by RateLimit-*, 429s waited out.
+    transport = RateLimitTransport(httpx.HTTPTransport(), on_wait=_say_waiting)
     return httpx.Client(
-        base_url=url or settings.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=120.0
+        base_url=url or settings.api_url,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120.0,
+        transport=transport,
     )
+
+
+def _say_waiting(seconds: float, reason: str) -> None:
+    console.print(f"[yellow]{reason}: waiting {seconds:.0f} s[/yellow]")
 
 
 def _check(response: httpx.Response) -> Any:

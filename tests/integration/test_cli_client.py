@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -318,3 +319,59 @@ def test_keys_create_prints_a_working_key(
     assert "api_key" not in refused.stdout
     with sessions() as s:
         assert s.scalars(select(Tenant).where(col(Tenant.name) == refused_tenant)).first() is None
+
+
+def test_submit_wait_with_a_free_tier_key_completes_a_200_query_batch(
+    stack: Stack, settings: Settings, sim: SimServer, tmp_path: Path
+) -> None:
+    # The free tier allows 60 requests a minute per key; `--wait` polls for as long as the batch
+    # runs, and the user has just spent most of the minute (a dashboard, a `status` loop).
+    assert stack.api_url
+    created = subprocess.run(
+        [
+            *CLI,
+            "keys",
+            "create",
+            "--tenant",
+            f"free-{uuid.uuid4().hex[:8]}",
+            "--role",
+            "user",
+            "--tier",
+            "free",
+            "--json",
+        ],
+        env=clean_env(CONCLAVE_DATABASE_URL=settings.database_url),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+    key = json.loads(created.stdout)["api_key"]
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as api:
+        spent = [api.get("/v1/batches") for _ in range(40)]
+    assert {r.status_code for r in spent} == {200} and spent[-1].headers["RateLimit-Limit"] == "60"
+    httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 1500}).raise_for_status()
+
+    path = write_jsonl(tmp_path / "free.jsonl", tagged_queries(200, prefix="free"))
+    started = time.monotonic()
+    submitted = Conclave(stack.api_url, key, tmp_path)("submit", str(path), "--wait", timeout=240)
+    elapsed = time.monotonic() - started
+    waits = one_line(submitted.stderr).count("waiting")
+    print(f"\nsubmit --wait, 200 queries, free tier, 40 of 60/min spent: {elapsed:.1f} s, {waits} 429 waits")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    batch_id = submitted_id(submitted)
+    assert f"batch {batch_id}: completed" in one_line(submitted.stderr)
+    assert "Traceback" not in submitted.stderr
+    batch = Conclave(stack.api_url, key, tmp_path).status(batch_id)
+    assert batch["request_counts"]["total"] == 200 and batch["request_counts"]["completed"] == 200
+
+    # The key's minute all spent: a command started now gets a 429 and waits it out.
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as api:
+        poll(
+            lambda: api.get("/v1/batches").status_code == 429, timeout=30, interval=0, what="the key's limit"
+        )
+    waited = Conclave(stack.api_url, key, tmp_path)("status", batch_id, timeout=180)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert json.loads(waited.stdout)["id"] == batch_id
+    assert "this key is limited to 60 requests per minute: waiting" in one_line(waited.stderr)
