@@ -189,6 +189,8 @@ def _store_and_enqueue(
     batch.status, batch.in_progress_at, batch.total = BatchStatus.IN_PROGRESS, now, total
     # Its output and error files are views of its results (shared.files.views), named now.
     batch.output_file_id, batch.error_file_id = new_file_id(), new_file_id()
+    # What every query's trace links to, for the messages that are sent again without it.
+    batch.trace = trace or None
     query_ids: list[str] = []
     try:
         with write_transaction(sessions) as session:
