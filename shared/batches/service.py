@@ -34,7 +34,7 @@ from shared.lifecycle.transitions import begin_cancel, finalize_if_done
 from shared.models import BATCHES, QUERIES, Batch, Query
 from shared.providers.config import Catalog
 from shared.queue.contract import query_message
-from shared.queue.enqueue import enqueue_messages
+from shared.queue.enqueue import EnqueueError, discard_messages, enqueue_messages
 from shared.quota import Reservation, reserve_daily_quota
 from shared.schemas import BatchCreate
 from shared.settings import Priority, Settings, TierLimits, parse_window
@@ -240,13 +240,30 @@ def _store_and_enqueue(
         log.warning(
             "enqueue of batch %s failed (%s: %s); removing its rows", batch.id, type(exc).__name__, exc
         )
-        # Nothing half-stored: the client is told to retry, and the rows go away.
+        # Nothing half-stored: the client is told to retry, and the rows go away, then the
+        # messages already sent. Rows first: a worker that gets one of those messages meanwhile
+        # claims nothing for a missing row and acks it.
         with sessions.begin() as session:
             session.execute(delete(QUERIES).where(col(Query.batch_id) == batch.id))
             drop_views(session, batch.id)
             session.execute(delete(BATCHES).where(col(Batch.id) == batch.id))
+        _discard_sent(broker, batch.id, exc)
         raise DependencyDown("the queue is unavailable; nothing was stored, retry later") from exc
     return batch, Counts(total=batch.total, queued=batch.total), True
+
+
+def _discard_sent(broker: RedisBroker, batch_id: str, exc: RedisError) -> None:
+    """Take back the messages a failed enqueue had sent, as far as Redis still answers. When it
+    does not, they stay queued until a worker takes each: it claims nothing (the row is gone) and
+    acks, so they cost a message each and run nothing."""
+    if not isinstance(exc, EnqueueError) or not exc.sent:
+        return
+    try:
+        removed = discard_messages(broker, exc.sent)
+    except RedisError as again:
+        log.warning("batch %s: its sent messages stay queued (%s)", batch_id, type(again).__name__)
+    else:
+        log.info("batch %s: removed %d messages it had sent", batch_id, removed)
 
 
 def store_failed(

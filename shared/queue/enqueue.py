@@ -15,7 +15,7 @@ import orjson
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.message import Message
 from dramatiq.middleware import MiddlewareError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 from shared import keys
 
@@ -43,18 +43,57 @@ return #ids
 # Lua's unpack is bounded (LUAI_MAXCSTACK, 8,000 on Redis): 2 arguments per message.
 BULK_CHUNK = 1000
 
+# Take back messages of one queue by id: the body, and the list entry, which is only searched
+# for (from the tail, where a fresh enqueue put it) when the body was still there, i.e. no worker
+# has acked the message yet. A message a worker has fetched already is no longer in the list: the
+# worker runs the copy it holds, claims nothing without its row, and acks.
+# KEYS[1] = {ns}:{queue}, KEYS[2] = {ns}:{queue}.msgs; ARGV = ids
+_DISCARD = """
+local removed = 0
+for i = 1, #ARGV do
+  if redis.call("hdel", KEYS[2], ARGV[i]) == 1 then
+    redis.call("lrem", KEYS[1], -1, ARGV[i])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+
+class EnqueueError(RedisError):
+    """A bulk enqueue that failed part way. ``sent``: per queue, the ids of every message that may
+    have reached Redis (the flushes that went through and the one that failed, which may have
+    partly run), for ``discard_messages``."""
+
+    def __init__(self, message: str, sent: dict[str, list[str]]):
+        super().__init__(message)
+        self.sent = sent
+
 
 def enqueue_messages(broker: RedisBroker, messages: Iterable[Message]) -> int:
     """Enqueue many messages: one script run per 1,000 messages of a queue, one Redis round
     trip per ``ENQUEUE_CHUNK``, instead of a round trip (``actor.send()``, ~4,000/s) or a script
     run (dramatiq's dispatch in a pipeline, ~20,000/s) per message. The broker's enqueue hooks
     still run for every message so middleware sees exactly what ``send()`` would show it.
+
+    A Redis error raises ``EnqueueError``, naming what may have been sent already: the messages
+    before it stay queued unless the caller discards them (``discard_messages``).
     """
     script = bulk_script(broker)
     sent = 0
     by_queue: dict[str, list[Message]] = {}
     pending = 0
+    handed: dict[str, list[str]] = {}
     before = _hooks(broker, "before_enqueue")
+
+    def flush() -> int:
+        for queue_name, queued in by_queue.items():
+            handed.setdefault(queue_name, []).extend(m.options["redis_message_id"] for m in queued)
+        try:
+            return _flush(broker, script, by_queue)
+        except RedisError as exc:
+            raise EnqueueError(f"{type(exc).__name__}: {exc}", handed) from exc
+
     for message in messages:
         if "redis_message_id" not in message.options:
             message = message.copy(options={"redis_message_id": str(message.message_id)})
@@ -62,11 +101,29 @@ def enqueue_messages(broker: RedisBroker, messages: Iterable[Message]) -> int:
         by_queue.setdefault(message.queue_name, []).append(message)
         pending += 1
         if pending >= ENQUEUE_CHUNK:
-            sent += _flush(broker, script, by_queue)
+            sent += flush()
             by_queue, pending = {}, 0
     if pending:
-        sent += _flush(broker, script, by_queue)
+        sent += flush()
     return sent
+
+
+def discard_messages(broker: RedisBroker, sent: dict[str, list[str]]) -> int:
+    """Remove messages by id, per queue (what an ``EnqueueError`` names), as far as no worker has
+    them yet; ids no longer there are skipped. Returns how many were removed."""
+    script = getattr(broker, "_conclave_discard", None)
+    if script is None:
+        script = broker.client.register_script(_DISCARD)
+        broker._conclave_discard = script  # type: ignore[attr-defined]
+    pipe = broker.client.pipeline(transaction=False)
+    for queue_name, ids in sent.items():
+        queue_keys = [
+            keys.queue(broker.namespace, queue_name),
+            keys.queue_messages(broker.namespace, queue_name),
+        ]
+        for i in range(0, len(ids), BULK_CHUNK):
+            script(keys=queue_keys, args=ids[i : i + BULK_CHUNK], client=pipe)
+    return sum(pipe.execute())
 
 
 def _hooks(broker: RedisBroker, name: str) -> list[Any]:

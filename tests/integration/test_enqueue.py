@@ -1,6 +1,6 @@
 """The API's bulk enqueue writes exactly what dramatiq's own consumer reads: every message once,
 to its priority's queue, with its actor, query id and trace — and survives Redis forgetting
-the script."""
+the script; a failed enqueue can take back what it sent."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.message import Message
 
+from shared import keys
 from shared.queue.broker import make_broker
 from shared.queue.contract import query_message
-from shared.queue.enqueue import BULK_CHUNK, ENQUEUE_CHUNK, enqueue_messages
+from shared.queue.enqueue import BULK_CHUNK, ENQUEUE_CHUNK, discard_messages, enqueue_messages
 from shared.settings import Priority
 
 pytestmark = pytest.mark.integration
@@ -92,3 +93,20 @@ def test_enqueue_middleware_sees_every_message(broker: RedisBroker) -> None:
         ("before", "query_a"),
         ("before", "query_b"),
     ]
+
+
+def test_discarded_messages_are_gone_and_others_stay(broker: RedisBroker) -> None:
+    count = BULK_CHUNK + 5  # more than one script run
+    enqueue_messages(broker, [query_message(f"query_{i:05d}", "normal") for i in range(count)])
+    enqueue_messages(broker, [query_message("query_keep", "normal"), query_message("query_high", "high")])
+    consumer = broker.consume("normal", prefetch=1, timeout=100)
+    fetched = next(consumer)  # held by a worker: no longer in the list
+    assert fetched is not None and fetched.message_id == "query_00000"
+
+    ids = [f"query_{i:05d}" for i in range(count)] + ["query_never_sent"]
+    assert discard_messages(broker, {"normal": ids}) == count
+    consumer.ack(fetched)
+    consumer.close()
+    assert broker.client.lrange(keys.queue(broker.namespace, "normal"), 0, -1) == [b"query_keep"]
+    assert broker.client.hkeys(keys.queue_messages(broker.namespace, "normal")) == [b"query_keep"]
+    assert [s[0] for s in drain(broker, "high")] == ["query_high"]

@@ -13,9 +13,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.main import create_app
+from shared import keys
 from shared.models import Batch, Query
+from shared.queue.enqueue import ENQUEUE_CHUNK
 from shared.queue.inspect import queue_depths
-from shared.settings import Settings
+from shared.settings import PRIORITIES, Settings
 from tests.conftest import new_key
 
 pytestmark = pytest.mark.integration
@@ -178,6 +180,56 @@ def test_idempotency_key_replays_or_conflicts(api: TestClient, app: Any, session
     assert other.status_code == 409
     assert other.json()["error"]["param"] == "Idempotency-Key"
     assert snapshot(sessions, app) == before
+
+
+class DropsSecondFlush(redis.Redis):
+    """A client whose second pipeline loses the connection after its first command ran: Redis
+    going away in the middle of a bulk enqueue."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.pipelines = 0
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        self.pipelines += 1
+        if self.pipelines != 2:
+            return super().pipeline(transaction, shard_hint)
+        return _DroppedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class _DroppedPipeline(redis.client.Pipeline):
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        self.command_stack = self.command_stack[:1]
+        super().execute(raise_on_error)
+        raise redis.ConnectionError("Connection closed by server.")
+
+
+def test_a_queue_failure_part_way_through_the_enqueue_leaves_no_message(
+    app_settings: Settings, sessions: Any
+) -> None:
+    # More than one flush (ENQUEUE_CHUNK messages each), on a namespace of its own.
+    count = ENQUEUE_CHUNK + 1500
+    namespace = f"{app_settings.queue_namespace}-drop"
+    app = create_app(
+        app_settings.model_copy(update={"max_batch_queries": count, "queue_namespace": namespace})
+    )
+    broker = app.state.conclave.broker
+    before = snapshot(sessions, app)[:2]
+    key, _ = new_key(sessions)
+    with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as api:
+        broker.client = flaky = DropsSecondFlush(connection_pool=broker.client.connection_pool)
+        response = api.post("/v1/batches", json={"queries": [q(i) for i in range(count)]})
+    assert flaky.pipelines >= 2  # the failure did happen where it was meant to
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "service_unavailable"
+    assert snapshot(sessions, app)[:2] == before
+    left = {
+        name: broker.client.llen(keys.queue(namespace, name))
+        + broker.client.hlen(keys.queue_messages(namespace, name))
+        for priority in PRIORITIES
+        for name in (priority, keys.delayed_queue_name(priority))
+    }
+    assert left == dict.fromkeys(left, 0)
 
 
 def test_auth_and_tenant_scoping(api: TestClient, app: Any, sessions: Any) -> None:
