@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 
 from dramatiq.brokers.redis import RedisBroker
 from redis.exceptions import RedisError
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,6 +45,10 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- create
+
+# An Idempotency-Key is remembered this long (as Stripe does): after it, the key creates a new
+# batch instead of replaying (or conflicting with) the one it created.
+IDEMPOTENCY_TTL_S = 24 * 3600
 
 # Query rows go to the database this many at a time: a 50,000-line file batch never holds all
 # its rows at once.
@@ -195,7 +199,7 @@ def _store_and_enqueue(
     try:
         with write_transaction(sessions) as session:
             # Core inserts: the ORM's unit of work costs more than the statement for one row.
-            session.execute(insert(BATCHES), [_batch_row(batch)])
+            _insert_batch(session, batch)
             create_views(session, batch, expires_at=batch.expires_at + settings.file_expiry_days * 86400)
             for page in _pages(requests, INSERT_PAGE):
                 ids = new_ids("query", len(page))
@@ -282,7 +286,7 @@ def store_failed(
     batch.status, batch.failed_at, batch.errors = BatchStatus.FAILED, now, errors
     try:
         with write_transaction(sessions) as session:
-            session.execute(insert(BATCHES), [_batch_row(batch)])
+            _insert_batch(session, batch)
     except IntegrityError:
         replayed = replay(sessions, tenant_id, idempotency_key, fingerprint) if idempotency_key else None
         if replayed is None:
@@ -340,16 +344,40 @@ def _request_doc(q: Any) -> dict[str, Any]:
 def replay(
     sessions: sessionmaker[Session], tenant_id: str, idempotency_key: str, fingerprint: str | None
 ) -> tuple[Batch, Counts, bool] | None:
-    """The batch an ``Idempotency-Key`` already created (409 if with another body), or None."""
+    """The batch an ``Idempotency-Key`` created in the last ``IDEMPOTENCY_TTL_S`` (409 if with
+    another body), or None."""
     with sessions() as session:
-        existing = _by_idempotency_key(session, tenant_id, idempotency_key)
+        existing = _by_idempotency_key(session, tenant_id, idempotency_key, int(time.time()))
         return None if existing is None else _replay(session, existing, fingerprint)
 
 
-def _by_idempotency_key(session: Session, tenant_id: str, key: str) -> Batch | None:
+def _by_idempotency_key(session: Session, tenant_id: str, key: str, now: int) -> Batch | None:
     return session.scalars(
-        select(Batch).where(col(Batch.tenant_id) == tenant_id, col(Batch.idempotency_key) == key)
+        select(Batch).where(
+            col(Batch.tenant_id) == tenant_id,
+            col(Batch.idempotency_key) == key,
+            col(Batch.created_at) > now - IDEMPOTENCY_TTL_S,
+        )
     ).first()
+
+
+def _insert_batch(session: Session, batch: Batch) -> None:
+    """Insert the batch's row. Its ``Idempotency-Key`` may still be on a batch older than
+    ``IDEMPOTENCY_TTL_S`` (the key is unique per tenant, ``uq_batches_tenant_idempotency``):
+    that batch lets go of it in the same transaction, so the old batch keeps everything but its
+    key, and a request that fails after this changes nothing. Two requests racing with the key
+    still meet at the constraint, and the loser replays the winner."""
+    if batch.idempotency_key is not None:
+        session.execute(
+            update(BATCHES)
+            .where(
+                BATCHES.c.tenant_id == batch.tenant_id,
+                BATCHES.c.idempotency_key == batch.idempotency_key,
+                BATCHES.c.created_at <= batch.created_at - IDEMPOTENCY_TTL_S,
+            )
+            .values(idempotency_key=None)
+        )
+    session.execute(insert(BATCHES), [_batch_row(batch)])
 
 
 def _replay(session: Session, batch: Batch, fingerprint: str | None) -> tuple[Batch, Counts, bool]:

@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlmodel import col
 
 from api.main import create_app
 from shared import keys
+from shared.batches.service import IDEMPOTENCY_TTL_S
 from shared.models import Batch, Query
 from shared.queue.enqueue import ENQUEUE_CHUNK
 from shared.queue.inspect import queue_depths
@@ -180,6 +182,35 @@ def test_idempotency_key_replays_or_conflicts(api: TestClient, app: Any, session
     assert other.status_code == 409
     assert other.json()["error"]["param"] == "Idempotency-Key"
     assert snapshot(sessions, app) == before
+
+
+def test_idempotency_key_expires_after_24_hours(api: TestClient, app: Any, sessions: Any) -> None:
+    body = {"queries": [q(0), q(1)]}
+    first = api.post("/v1/batches", json=body, headers={"Idempotency-Key": "day-1"}).json()["id"]
+
+    def age(batch_id: str, seconds: int) -> None:
+        with sessions.begin() as s:
+            s.execute(
+                update(Batch)
+                .where(col(Batch.id) == batch_id)
+                .values(created_at=col(Batch.created_at) - seconds)
+            )
+
+    age(first, IDEMPOTENCY_TTL_S - 60)  # a minute short of a day: still replayed
+    assert api.post("/v1/batches", json=body, headers={"Idempotency-Key": "day-1"}).json()["id"] == first
+    age(first, 120)  # now a minute past
+    before_batches, before_queries, _ = snapshot(sessions, app)
+    second = api.post("/v1/batches", json=body, headers={"Idempotency-Key": "day-1"})
+    assert second.status_code == 202 and second.json()["id"] != first
+    assert snapshot(sessions, app)[:2] == (before_batches + 1, before_queries + 2)
+    # The new batch is what the key replays from now on; the old one keeps its queries.
+    again = api.post("/v1/batches", json=body, headers={"Idempotency-Key": "day-1"})
+    assert again.json()["id"] == second.json()["id"]
+    assert api.get(f"/v1/batches/{first}").json()["request_counts"]["total"] == 2
+    # An expired key does not conflict either: another body makes another batch.
+    age(second.json()["id"], IDEMPOTENCY_TTL_S + 60)
+    other = api.post("/v1/batches", json={"queries": [q(5)]}, headers={"Idempotency-Key": "day-1"})
+    assert other.status_code == 202 and other.json()["id"] not in (first, second.json()["id"])
 
 
 class DropsSecondFlush(redis.Redis):
