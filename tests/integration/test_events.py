@@ -10,7 +10,10 @@ object the API serves afterwards.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +24,7 @@ import pytest
 from shared.progress import STAGES, parse_event_stream
 from shared.sim import SimServer
 from shared.stack import Stack
-from tests.conftest import new_key
+from tests.conftest import new_key, settings_env
 from tests.helpers import tagged_queries
 
 pytestmark = pytest.mark.integration
@@ -161,3 +164,27 @@ def test_another_tenants_batch_has_no_stream(stack: Stack, client: httpx.Client,
         unknown = other.get("/v1/batches/batch_doesnotexist/events")
         assert unknown.status_code == 404
     assert httpx.get(f"{stack.api_url}/v1/batches/{batch_id}/events").status_code == 401
+
+
+def test_an_api_shutting_down_ends_its_streams_at_once(
+    settings: Any, tmp_path: Any, client: httpx.Client, tenant_key: tuple[str, str], sim: SimServer
+) -> None:
+    """Before sse-starlette ended them, uvicorn waited for every open stream to close (58 s with
+    one stream until the client gave up): a rolling restart stalled behind its own clients."""
+    set_sim(sim, latency_ms=3000)  # three stages: the batch runs well past the shutdown
+    batch_id = client.post("/v1/batches", json={"queries": tagged_queries(2, prefix="ev-stop")}).json()["id"]
+    own = Stack(env={**os.environ, **settings_env(settings)}, logs=tmp_path)
+    try:
+        url = own.start_api()
+        api = own.procs[-1]
+        events = follow(url, tenant_key[0], batch_id)
+        assert next(events)["event"] == "progress"
+        started = time.monotonic()
+        api.send_signal(signal.SIGTERM)
+        with pytest.raises(StopIteration):  # the server closed the stream
+            while True:
+                assert next(events)["event"] != "end", "the shutdown waited for the batch to end"
+        api.wait(timeout=10)
+        assert time.monotonic() - started < 5
+    finally:
+        own.stop()
