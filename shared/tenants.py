@@ -23,12 +23,11 @@ from sqlmodel import col
 from shared.errors import NotFound, Unauthorized
 from shared.ids import new_id
 from shared.models import ApiKey, Tenant
-from shared.settings import DEFAULT_TIERS, Settings, TierLimits, get_settings
+from shared.settings import Settings, TierLimits, get_settings
 
 ROLES = ("admin", "user", "viewer")
 # The default tier names only; what a deployment accepts is tier_names(settings). Kept while
 # shared/cli/ops.py still imports it.
-TIERS = tuple(DEFAULT_TIERS)
 KEY_PREFIX = "cnk_"
 
 

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from shared.ids import new_id
 from shared.keys import DEFAULT_NAMESPACE
 from shared.ledger import CallOwner, CallRecord, StartedCall
-from shared.lifecycle.statuses import CallStatus
+from shared.lifecycle.statuses import CallStatus, QueryStatus
 from shared.providers import errors
 from shared.providers.base import ChatRequest, Provider
 from shared.providers.config import Catalog, split_model_id
@@ -299,7 +299,7 @@ def circuit_wait(
     with the circuit as its error. Calls stay fail-fast on an open circuit (a fallback or the
     council's degradation answers), so only queries that would otherwise fail wait.
     """
-    if status != "failed":
+    if status != QueryStatus.FAILED:
         return CircuitWait()
     refused = _refused_providers(calls)
     if not refused:

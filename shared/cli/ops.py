@@ -22,22 +22,29 @@ errors = Console(stderr=True)
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant name; created if it does not exist.")],
     role: Annotated[str, typer.Option(help="admin | user | viewer")] = "user",
-    tier: Annotated[str, typer.Option(help="free | pro | enterprise")] = "free",
+    tier: Annotated[
+        str, typer.Option(help="One of the deployment's tiers (free | pro | enterprise by default).")
+    ] = "free",
     operator: Annotated[bool, typer.Option(help="Make a new tenant the operator tenant.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Create a tenant (if needed) and a new API key for it; the key is shown once."""
     from shared.db import make_engine, make_sessionmaker, upgrade
-    from shared.tenants import ROLES, TIERS, issue_key
+    from shared.tenants import ROLES, check_tier, issue_key
 
-    if role not in ROLES or tier not in TIERS:
-        errors.print(f"[red]role must be one of {ROLES}, tier one of {TIERS}[/red]")
-        raise typer.Exit(2)
     settings = get_settings()
+    # The tiers are the deployment's (CONCLAVE_TIERS), not a fixed list.
+    problem = None if role in ROLES else f"role must be one of {ROLES}"
+    problem = problem or check_tier(settings, tier)
+    if problem:
+        errors.print(f"[red]{problem}[/red]")
+        raise typer.Exit(2)
     upgrade(settings.database_url)
     sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=1))
     with sessions.begin() as session:
-        issued = issue_key(session, tenant_name=tenant, role=role, tier=tier, operator=operator)
+        issued = issue_key(
+            session, tenant_name=tenant, role=role, tier=tier, operator=operator, settings=settings
+        )
     if as_json:
         sys.stdout.write(
             orjson.dumps(

@@ -50,6 +50,15 @@ QUERY_TERMINAL = (QueryStatus.SUCCEEDED, QueryStatus.FAILED, QueryStatus.CANCELL
 QUERY_OPEN = (QueryStatus.QUEUED, QueryStatus.RUNNING)
 
 
+class ReviewStatus(StrEnum):
+    """One stage 2 review: its ranking parsed (``valid``), unparseable (``invalid``), or its call
+    failed."""
+
+    VALID = "valid"
+    INVALID = "invalid"
+    FAILED = "failed"
+
+
 class DeliveryStatus(StrEnum):
     """One webhook delivery (``scheduler/jobs/webhooks.py`` moves it on)."""
 

@@ -13,7 +13,7 @@ from sqlmodel import col
 
 from shared.db import make_engine, make_sessionmaker, upgrade
 from shared.models import Tenant
-from shared.settings import DEFAULT_TIERS, Settings, TierLimits
+from shared.settings import DEFAULT_TIERS, Settings, TierLimits, get_settings
 from shared.tenants import check_tier, issue_key, tier_names
 
 GOLD = TierLimits(requests_per_minute=100, max_batch_queries=10, max_priority="high")
@@ -67,10 +67,14 @@ def test_issue_key_refuses_a_tier_settings_do_not_name_and_creates_nothing(sessi
 
 
 def test_issue_key_without_settings_reads_the_tiers_of_the_environment(
-    sessions: Any, monkeypatch: pytest.MonkeyPatch
+    sessions: Any, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     tiers = {name: limits.model_dump() for name, limits in custom_settings().tiers.items()}
     monkeypatch.setenv("CONCLAVE_TIERS", json.dumps(tiers))
+    # get_settings() is built once per process: let this test see its own environment, and the
+    # tests after it theirs.
+    get_settings.cache_clear()
+    request.addfinalizer(get_settings.cache_clear)
 
     with sessions.begin() as session:
         assert issue_key(session, tenant_name="a", role="user", tier="silver").tenant_id

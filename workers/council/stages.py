@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from shared.lifecycle.statuses import CallStatus, QueryStatus, ReviewStatus
 from shared.providers.errors import BadResponse, ProviderError
 from workers.council import prompts
 from workers.council.prompts import Message
@@ -132,7 +133,7 @@ CompleteFn = Callable[[CallRequest], Awaitable[Completion]]
 class MemberResult:
     model: str  # who answered (the member, or the fallback that answered for it)
     requested_model: str  # the member
-    status: Literal["succeeded", "failed"]
+    status: CallStatus
     answer: str | None
     error: dict[str, str] | None  # {"type", "message"}
     latency_ms: int
@@ -144,7 +145,7 @@ class MemberResult:
 class ReviewResult:
     reviewer: str  # who wrote the review
     requested_reviewer: str  # the member asked: the author of the one answer left out
-    status: Literal["valid", "invalid", "failed"]
+    status: ReviewStatus
     text: str | None
     labels: dict[str, str]  # "Response A" -> model, as this reviewer saw them
     ranking: list[str] | None  # models, best first
@@ -157,14 +158,14 @@ class SynthesisAttempt:
     """One chairman call, kept so a failed chairman is visible even when a fallback answered."""
 
     model: str
-    status: Literal["succeeded", "failed"]
+    status: CallStatus
     error: dict[str, str] | None
     latency_ms: int
 
 
 @dataclass
 class CouncilResult:
-    status: Literal["succeeded", "failed"]
+    status: QueryStatus
     answer: str | None
     error: dict[str, str] | None  # {"type", "message"} when failed
     synthesis: Literal["chairman", "fallback_chairman", "top_ranked", "single"] | None
@@ -205,7 +206,8 @@ async def run_council(spec: CouncilSpec, query: QueryInput, complete: CompleteFn
     if len(answered) >= 2:
         reviews = list(await asyncio.gather(*(_review(r, answered, query, spec, complete) for r in answered)))
     ranking = aggregate_ranking(
-        _ranked_models(members), [r.ranking for r in reviews if r.status == "valid" and r.ranking is not None]
+        _ranked_models(members),
+        [r.ranking for r in reviews if r.status == ReviewStatus.VALID and r.ranking is not None],
     )
     return await _synthesise(spec, query, stage1, members, reviews, ranking, complete)
 
@@ -231,7 +233,7 @@ async def _answer(
 ) -> MemberResult:
     request = CallRequest(model, "answer", messages, query.max_tokens, query.temperature)
     outcome = await _call(complete, request)
-    status: Literal["succeeded", "failed"] = "failed" if outcome.error else "succeeded"
+    status = CallStatus.FAILED if outcome.error else CallStatus.SUCCEEDED
     # A member nobody answered for is named by itself.
     return MemberResult(
         outcome.model or model, model, status, outcome.text, outcome.error, outcome.latency_ms
@@ -243,21 +245,21 @@ def _one_answer_per_model(members: list[MemberResult]) -> list[MemberResult]:
     seat if that answered, else the first in member order."""
     kept: dict[str, MemberResult] = {}
     for m in members:
-        if m.status != "succeeded":
+        if m.status != CallStatus.SUCCEEDED:
             continue
         current = kept.get(m.model)
         if current is None or (m.model == m.requested_model != current.requested_model):
             kept[m.model] = m
     return [
         m
-        if m.status != "succeeded" or kept[m.model] is m
+        if m.status != CallStatus.SUCCEEDED or kept[m.model] is m
         else dataclasses.replace(m, duplicate_of=kept[m.model].requested_model)
         for m in members
     ]
 
 
 def _distinct_answers(members: Sequence[MemberResult]) -> list[MemberResult]:
-    return [m for m in members if m.status == "succeeded" and m.duplicate_of is None]
+    return [m for m in members if m.status == CallStatus.SUCCEEDED and m.duplicate_of is None]
 
 
 def _ranked_models(members: Sequence[MemberResult]) -> list[str]:
@@ -267,15 +269,23 @@ def _ranked_models(members: Sequence[MemberResult]) -> list[str]:
 
 def _single(member: MemberResult) -> CouncilResult:
     ranking = aggregate_ranking([member.model], [])
-    if member.status == "failed":
-        return CouncilResult("failed", None, member.error, None, None, [member], [], ranking)
+    if member.status == CallStatus.FAILED:
+        return CouncilResult(QueryStatus.FAILED, None, member.error, None, None, [member], [], ranking)
     return CouncilResult(
-        "succeeded", member.answer, None, "single", None, [member], [], ranking, answered_by=member.model
+        QueryStatus.SUCCEEDED,
+        member.answer,
+        None,
+        "single",
+        None,
+        [member],
+        [],
+        ranking,
+        answered_by=member.model,
     )
 
 
 def _insufficient(members: list[MemberResult], required: int) -> CouncilResult:
-    answered = sum(m.status == "succeeded" for m in members)
+    answered = sum(m.status == CallStatus.SUCCEEDED for m in members)
     distinct = len(_distinct_answers(members))
     message = f"{answered} of {len(members)} members answered"
     if distinct < answered:
@@ -286,7 +296,7 @@ def _insufficient(members: list[MemberResult], required: int) -> CouncilResult:
         message += f"; failed: {failures}"
     error = {"type": "insufficient_answers", "message": message}
     ranking = aggregate_ranking(_ranked_models(members), [])
-    return CouncilResult("failed", None, error, None, None, members, [], ranking)
+    return CouncilResult(QueryStatus.FAILED, None, error, None, None, members, [], ranking)
 
 
 async def _review(
@@ -311,14 +321,20 @@ async def _review(
     outcome = await _call(complete, request)
     reviewer = outcome.model or asked
     if outcome.text is None:
-        return ReviewResult(reviewer, asked, "failed", None, labels, None, outcome.error, outcome.latency_ms)
+        return ReviewResult(
+            reviewer, asked, ReviewStatus.FAILED, None, labels, None, outcome.error, outcome.latency_ms
+        )
     try:
         ranked = parse_final_ranking(outcome.text, list(labels))
     except InvalidRanking as exc:
         error = {"type": "invalid_ranking", "message": str(exc)}
-        return ReviewResult(reviewer, asked, "invalid", outcome.text, labels, None, error, outcome.latency_ms)
+        return ReviewResult(
+            reviewer, asked, ReviewStatus.INVALID, outcome.text, labels, None, error, outcome.latency_ms
+        )
     ranking = [labels[label] for label in ranked]
-    return ReviewResult(reviewer, asked, "valid", outcome.text, labels, ranking, None, outcome.latency_ms)
+    return ReviewResult(
+        reviewer, asked, ReviewStatus.VALID, outcome.text, labels, ranking, None, outcome.latency_ms
+    )
 
 
 async def _synthesise(
@@ -333,7 +349,7 @@ async def _synthesise(
     answered = _distinct_answers(members)
     # One fixed labelling in member order for the chairman; reviews are translated into it.
     label_of = {m.model: prompts.response_label(i) for i, m in enumerate(answered)}
-    valid = [r for r in reviews if r.status == "valid" and r.text is not None]
+    valid = [r for r in reviews if r.status == ReviewStatus.VALID and r.text is not None]
     messages = prompts.synthesis_messages(
         question=prompts.question_text(query.messages),
         answers=[(label_of[m.model], m.answer or "") for m in answered],
@@ -347,7 +363,7 @@ async def _synthesise(
     for model in chairmen:
         request = CallRequest(model, "synthesis", messages, spec.synthesis_max_tokens, None)
         outcome = await _call(complete, request)
-        status: Literal["succeeded", "failed"] = "failed" if outcome.error else "succeeded"
+        status = CallStatus.FAILED if outcome.error else CallStatus.SUCCEEDED
         attempts.append(SynthesisAttempt(outcome.model or model, status, outcome.error, outcome.latency_ms))
         if outcome.text is not None:
             writer = outcome.model or model
@@ -355,13 +371,31 @@ async def _synthesise(
                 "chairman" if writer == spec.chairman else "fallback_chairman"
             )
             return CouncilResult(
-                "succeeded", outcome.text, None, kind, writer, members, reviews, ranking, writer, attempts
+                QueryStatus.SUCCEEDED,
+                outcome.text,
+                None,
+                kind,
+                writer,
+                members,
+                reviews,
+                ranking,
+                writer,
+                attempts,
             )
 
     # Every chairman failed: the best-ranked answer stands; ties and no votes keep member order.
     best = next(m for e in ranking for m in answered if m.model == e.model)
     return CouncilResult(
-        "succeeded", best.answer, None, "top_ranked", None, members, reviews, ranking, best.model, attempts
+        QueryStatus.SUCCEEDED,
+        best.answer,
+        None,
+        "top_ranked",
+        None,
+        members,
+        reviews,
+        ranking,
+        best.model,
+        attempts,
     )
 
 
