@@ -7,8 +7,6 @@ commands, in the client's transport (``ratelimit.py``): they never exit on a 429
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,8 +14,8 @@ import httpx
 import orjson
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from shared.cli.follow import follow_with_progress
 from shared.cli.ratelimit import RateLimitTransport
 from shared.settings import get_settings
 
@@ -78,51 +76,19 @@ def read_queries(path: Path) -> list[dict[str, Any]]:
     return queries
 
 
-def wait_with_progress(
-    client: httpx.Client, batch_id: str, poll_s: float = 0.5, alive: Callable[[], str | None] | None = None
-) -> dict[str, Any]:
-    """Poll until the batch ends. ``alive`` returns why to give up (e.g. a local process died)."""
-    batch = _check(client.get(f"/v1/batches/{batch_id}"))
-    total = batch["request_counts"]["total"]
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task(batch_id, total=total, detail="")
-        while True:
-            counts = batch["request_counts"]
-            done = counts["completed"] + counts["failed"] + counts["cancelled"] + counts["expired"]
-            detail = (
-                f"{batch['status']} · ok {counts['completed']} · failed {counts['failed']}"
-                f" · running {counts['running']}"
-            )
-            progress.update(task, completed=done, detail=detail)
-            if batch["status"] in TERMINAL:
-                return batch
-            problem = alive() if alive else None
-            if problem:
-                console.print(f"[red]{problem}[/red]")
-                raise typer.Exit(1)
-            time.sleep(poll_s)  # polling a remote API at a human pace
-            batch = _check(client.get(f"/v1/batches/{batch_id}"))
-
-
 def submit(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL, one query per line")],
     priority: Annotated[str, typer.Option(help="high | normal | low")] = "normal",
-    wait: Annotated[bool, typer.Option(help="Show a progress bar until the batch ends.")] = False,
+    wait: Annotated[
+        bool, typer.Option(help="Follow the batch's event stream, a progress bar per stage, until it ends.")
+    ] = False,
 ) -> None:
     """Submit a batch from a JSONL file; prints the batch id."""
     with api_client() as client:
         batch = _check(client.post("/v1/batches", json={"queries": read_queries(file), "priority": priority}))
         print(batch["id"])
         if wait:
-            batch = wait_with_progress(client, batch["id"])
+            batch = follow_with_progress(client, batch["id"], console)
             console.print(f"batch {batch['id']}: {batch['status']}")
 
 
