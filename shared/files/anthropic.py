@@ -11,6 +11,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from shared.files.lines import CUSTOM_ID_MAX, LineRules, ParsedLine, check_body, is_text
 from shared.lifecycle.statuses import BATCH_TERMINAL, BatchStatus
 from shared.providers.config import Catalog
@@ -90,6 +92,15 @@ def parse_requests(
             params, f"{here}.params", catalog, rules, system=params.get("system")
         )
         problems.extend((p, why) for _code, p, why in body_problems)
-        if custom_id is not None and not body_problems:
+        if body_problems:
+            continue
+        try:
+            # The body was parsed by the standard library, which lets lone surrogates through;
+            # no database driver stores them (a file's lines are parsed by orjson, which refuses them).
+            orjson.dumps(request)
+        except TypeError:
+            problems.append((f"{here}.params", "holds text that is not valid Unicode"))
+            continue
+        if custom_id is not None:
             parsed.append(ParsedLine(i + 1, custom_id, request))
     return parsed, problems

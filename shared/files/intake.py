@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from typing import Literal
 
 from dramatiq.brokers.redis import RedisBroker
@@ -25,7 +24,7 @@ from shared.batches import admission, service
 from shared.batches.read import Counts
 from shared.errors import Forbidden, InvalidField, NotFound, PayloadTooLarge
 from shared.files import anthropic
-from shared.files.lines import CHAT_URL, LineRules, parsed_lines, validate_file
+from shared.files.lines import CHAT_URL, FileCheck, FileReport, InvalidFile, LineRules, too_many
 from shared.files.store import get_file, iter_chunks, iter_lines
 from shared.models import Batch
 from shared.providers.config import Catalog
@@ -133,36 +132,46 @@ def create_file_batch(
         input_file_id=stored.id,
     )
     rules = LineRules(max_prompt_chars=settings.max_prompt_chars)
-
-    def lines() -> Iterator[bytes]:
-        return iter_lines(iter_chunks(sessions, stored.id))
-
-    # Two passes over the stored file: the first keeps only the errors and the custom_ids, so a
-    # 50,000-line file is never held parsed in memory; the second streams the rows into the insert.
-    report = validate_file(lines(), catalog, rules, max_requests=_max_requests(settings, limits))
-    if report.errors:
+    most = _max_requests(settings, limits)
+    if stored.lines > most:
         return service.store_failed(
             sessions,
             tenant_id=tenant_id,
             admitted=admitted,
-            errors=report.errors_object(),
+            errors=FileReport(errors=[too_many(stored.lines, most)]).errors_object(),
             idempotency_key=idempotency_key,
             fingerprint=fingerprint,
         )
-    return service.submit(
-        sessions,
-        broker,
-        settings,
-        tenant_id=tenant_id,
-        admitted=admitted,
-        requests=((p.custom_id, p.request) for p in parsed_lines(lines(), catalog, rules)),
-        total=report.requests,
-        idempotency_key=idempotency_key,
-        fingerprint=fingerprint,
-        limits=limits,
-        budget=budget,
-        trace=trace,
-    )
+    # One pass over the stored file: each valid line streams into the batch's insert; the first
+    # problem stops the rows, the pass goes on to report every problem, and InvalidFile at the
+    # end rolls the transaction back. ``stored.lines`` (its non-blank lines) is the batch's size.
+    check = FileCheck(catalog, rules)
+    try:
+        return service.submit(
+            sessions,
+            broker,
+            settings,
+            tenant_id=tenant_id,
+            admitted=admitted,
+            requests=(
+                (p.custom_id, p.request) for p in check.rows(iter_lines(iter_chunks(sessions, stored.id)))
+            ),
+            total=stored.lines,
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+            limits=limits,
+            budget=budget,
+            trace=trace,
+        )
+    except InvalidFile as invalid:
+        return service.store_failed(
+            sessions,
+            tenant_id=tenant_id,
+            admitted=admitted,
+            errors=invalid.report.errors_object(),
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+        )
 
 
 def create_message_batch(

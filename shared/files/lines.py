@@ -14,6 +14,7 @@ shapes accept exactly the same work.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,10 @@ COUNCIL = "council"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # A file full of bad lines gets this many entries; a last one says how many more there were.
 MAX_ERRORS = 1000
+
+
+# What each ``body.model`` of a file resolved to (``resolve_work``), so each is resolved once.
+Works = dict[str, dict[str, Any] | str]
 
 
 @dataclass(frozen=True)
@@ -86,11 +91,15 @@ def is_text(value: Any) -> bool:
 def _text(content: Any) -> str | None:
     """A message's text: a string, or OpenAI/Anthropic content parts of type text."""
     if isinstance(content, str):
-        return content if is_text(content) else None
+        return content
     if isinstance(content, list) and content:
         texts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not is_text(part.get("text")):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 return None
             texts.append(part["text"])
         return "\n".join(texts)
@@ -151,7 +160,7 @@ def check_params(
 
 
 def parse_line(
-    number: int, raw: bytes, catalog: Catalog, rules: LineRules
+    number: int, raw: bytes, catalog: Catalog, rules: LineRules, works: Works | None = None
 ) -> tuple[ParsedLine | None, list[dict[str, Any]]]:
     """One input line: the parsed line, or None and every problem found in it."""
     try:
@@ -175,7 +184,7 @@ def parse_line(
     if not isinstance(body, dict):
         problems.append(("missing_required_parameter", "body", "must be an object"))
     else:
-        request, body_problems = check_body(body, "body", catalog, rules)
+        request, body_problems = check_body(body, "body", catalog, rules, works=works)
         problems.extend(body_problems)
     if problems:
         return None, [
@@ -186,12 +195,22 @@ def parse_line(
 
 
 def check_body(
-    body: dict[str, Any], param: str, catalog: Catalog, rules: LineRules, *, system: Any = None
+    body: dict[str, Any],
+    param: str,
+    catalog: Catalog,
+    rules: LineRules,
+    *,
+    system: Any = None,
+    works: Works | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
     """A chat body (or an Anthropic ``params``) as a request doc, and (code, param, why) problems."""
     problems: list[tuple[str, str, str]] = []
     model = body.get("model")
-    work = resolve_work(model, catalog)
+    if works is not None and isinstance(model, str):
+        # A file names a few models 50,000 times: each is resolved once (a shared, read-only doc).
+        work = works.get(model) or works.setdefault(model, resolve_work(model, catalog))
+    else:
+        work = resolve_work(model, catalog)
     if isinstance(work, str):
         code = "missing_required_parameter" if model is None else "model_not_found"
         problems.append((code, f"{param}.model", work))
@@ -229,6 +248,8 @@ class FileReport:
     more_errors: int = 0
 
     def add(self, errors: list[dict[str, Any]]) -> None:
+        if not errors:
+            return
         room = MAX_ERRORS - len(self.errors)
         self.errors.extend(errors[: max(0, room)])
         self.more_errors += max(0, len(errors) - max(0, room))
@@ -242,19 +263,30 @@ class FileReport:
         return {"object": "list", "data": data}
 
 
-def validate_file(
-    lines: Iterable[bytes], catalog: Catalog, rules: LineRules, *, max_requests: int
-) -> FileReport:
-    """Every problem in the file (empty lines are skipped; numbers count every line)."""
-    report = FileReport()
-    seen: dict[str, int] = {}
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        report.requests += 1
-        parsed, errors = parse_line(number, raw, catalog, rules)
+class InvalidFile(Exception):
+    """Raised by ``FileCheck.rows`` once the whole file is read, when any line was invalid; the
+    caller's transaction rolls back whatever rows were stored."""
+
+    def __init__(self, report: FileReport):
+        super().__init__(f"{len(report.errors)} problems")
+        self.report = report
+
+
+class FileCheck:
+    """Checks a file's lines one pass: ``rows`` yields each valid request while the file is valid
+    so far, and keeps reading (and reporting) after the first problem without yielding more."""
+
+    def __init__(self, catalog: Catalog, rules: LineRules):
+        self.catalog, self.rules = catalog, rules
+        self.report = FileReport()
+        self._seen: dict[str, int] = {}
+        self._works: Works = {}
+
+    def check(self, number: int, raw: bytes) -> ParsedLine | None:
+        self.report.requests += 1
+        parsed, errors = parse_line(number, raw, self.catalog, self.rules, self._works)
         if parsed is not None:
-            first = seen.setdefault(parsed.custom_id, number)
+            first = self._seen.setdefault(parsed.custom_id, number)
             if first != number:
                 errors = [
                     line_error(
@@ -264,26 +296,49 @@ def validate_file(
                         f"line {number}: custom_id {parsed.custom_id!r} is used by line {first} too",
                     )
                 ]
+                parsed = None
         else:
             # A bad line's custom_id still counts, so a later line reusing it is reported too.
             custom_id = _custom_id_of(raw)
             if custom_id is not None:
-                seen.setdefault(custom_id, number)
-        report.add(errors)
-    if report.requests == 0:
-        report.add([line_error(None, "empty_file", None, "the file holds no requests")])
-    elif report.requests > max_requests:
-        report.add(
-            [
-                line_error(
-                    None,
-                    "too_many_requests",
-                    None,
-                    f"the file holds {report.requests} requests; a batch holds at most {max_requests}",
-                )
-            ]
-        )
-    return report
+                self._seen.setdefault(custom_id, number)
+        self.report.add(errors)
+        return parsed
+
+    def rows(self, lines: Iterable[bytes]) -> Iterator[ParsedLine]:
+        """Empty lines are skipped; numbers count every line."""
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            parsed = self.check(number, raw)
+            if parsed is not None and not self.report.errors:
+                yield parsed
+        if self.report.requests == 0:
+            self.report.add([line_error(None, "empty_file", None, "the file holds no requests")])
+        if self.report.errors:
+            raise InvalidFile(self.report)
+
+
+def too_many(requests: int, max_requests: int) -> dict[str, Any]:
+    return line_error(
+        None,
+        "too_many_requests",
+        None,
+        f"the file holds {requests} requests; a batch holds at most {max_requests}",
+    )
+
+
+def validate_file(
+    lines: Iterable[bytes], catalog: Catalog, rules: LineRules, *, max_requests: int
+) -> FileReport:
+    """Every problem in the file (empty lines are skipped; numbers count every line)."""
+    check = FileCheck(catalog, rules)
+    with contextlib.suppress(InvalidFile):
+        for _ in check.rows(lines):
+            pass
+    if check.report.requests > max_requests:
+        check.report.add([too_many(check.report.requests, max_requests)])
+    return check.report
 
 
 def _custom_id_of(raw: bytes) -> str | None:
@@ -296,11 +351,5 @@ def _custom_id_of(raw: bytes) -> str | None:
 
 
 def parsed_lines(lines: Iterable[bytes], catalog: Catalog, rules: LineRules) -> Iterator[ParsedLine]:
-    """The requests of a file ``validate_file`` found valid, in file order."""
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        parsed, errors = parse_line(number, raw, catalog, rules)
-        if parsed is None:
-            raise ValueError(f"line {number} is invalid: {errors[0]['message']}")
-        yield parsed
+    """The requests of a valid file, in file order; ``InvalidFile`` at the end if it was not."""
+    return FileCheck(catalog, rules).rows(lines)

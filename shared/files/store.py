@@ -72,7 +72,7 @@ def store_upload(
         id=new_file_id(), tenant_id=tenant_id, purpose="batch", filename="", bytes=0, created_at=now
     )
     size = lines = 0
-    last = b"\n"
+    rest = b""
     with write_transaction(sessions) as session:
         session.execute(insert(FILES), [_row(stored)])
         seq = 0
@@ -80,13 +80,15 @@ def store_upload(
             size += len(chunk)
             if size > limits.max_bytes:
                 raise PayloadTooLarge(f"a file holds at most {limits.max_bytes} bytes", param="file")
-            lines += chunk.count(b"\n")
+            # Lines that are not blank: the requests a batch file holds (the line limit's unit).
+            parts = (rest + chunk).split(b"\n")
+            rest = parts.pop()
+            lines += sum(1 for part in parts if part.strip())
             if lines > limits.max_lines:
                 raise PayloadTooLarge(f"a file holds at most {limits.max_lines} lines", param="file")
-            last = chunk[-1:]
             session.execute(insert(FILE_CHUNKS), [{"file_id": stored.id, "seq": seq, "data": chunk}])
             seq += 1
-        if last != b"\n":
+        if rest.strip():
             lines += 1  # a last line without its newline
         if lines > limits.max_lines:
             raise PayloadTooLarge(f"a file holds at most {limits.max_lines} lines", param="file")

@@ -152,6 +152,21 @@ def test_an_invalid_file_fails_whole_naming_each_line_and_field(api: httpx.Clien
     assert not any("[tag:bad-file-" in t and "[tag:bad-file-after]" not in t for t in texts)
 
 
+def test_a_bad_line_after_thousands_of_good_ones_still_stores_nothing(
+    api: httpx.Client, sim: SimServer
+) -> None:
+    # Valid lines stream into the insert a page (5,000 rows) at a time; the bad last line must
+    # roll back the pages already written.
+    good = [orjson.dumps(line(f"g-{i}", "sim:alpha", f"[tag:rollback-{i:05d}] hi")) for i in range(5001)]
+    batch = create(api, upload(api, [*good, b"not json"]))
+    assert batch["status"] == "failed"
+    assert [(e["line"], e["code"]) for e in batch["errors"]["data"]] == [(5002, "invalid_json")]
+    assert api.get(f"/v1/batches/{batch['id']}/results").content == b""
+    after = create(api, upload(api, [orjson.dumps(line("after", "sim:alpha", "[tag:rollback-after] ok"))]))
+    assert wait_for_batch(api, after["id"], 60)["status"] == "completed"
+    assert not any("[tag:rollback-0" in r["text"] for r in sim_log(sim.url))
+
+
 def test_a_bad_request_creates_nothing(api: httpx.Client) -> None:
     missing = api.post("/v1/batches", json={"input_file_id": "file-nope", "endpoint": "/v1/chat/completions"})
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "input_file_id"
