@@ -45,4 +45,9 @@ bench: $(STAMP)
 .PHONY: test-browser
 test-browser: $(STAMP) services
 	$(BIN)/pytest -q tests/browser
+
+# 200 event streams on one batch: the API's CPU and change-to-event latency (benchmarks/events.py).
+.PHONY: bench-events
+bench-events: $(STAMP)
+	$(BIN)/python -m benchmarks.events --streams 200 --seconds 20
 # ---- end of the browser block ---------------------------------------------------------------------
