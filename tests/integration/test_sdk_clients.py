@@ -247,3 +247,20 @@ def test_a_bad_key_is_refused_in_either_header(stack: Stack) -> None:
         anthropic_client(stack, "cnk_not-a-key").messages.batches.list()
     with pytest.raises(openai.AuthenticationError):
         openai_client(stack, "cnk_not-a-key").files.list()
+
+
+def test_an_inline_batch_has_output_files_too(stack: Stack, sim: SimServer, sessions: Any) -> None:
+    key = new_key(sessions)[0]
+    assert stack.api_url
+    created = httpx.post(
+        f"{stack.api_url}/v1/batches",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"queries": [{"custom_id": "p", "prompt": "Hi?"}, {"custom_id": "o", "prompt": "Ho?"}]},
+    ).json()
+    client = openai_client(stack, key)
+    done = wait_openai(client, created["id"])
+    assert done.endpoint == "/v1/council" and done.output_file_id
+    output = content_lines(client, done.output_file_id)
+    assert [line["custom_id"] for line in output] == ["p", "o"]
+    assert all(line["response"]["body"]["model"] == "council" for line in output)
+    assert all("council" in line["response"]["body"] for line in output)
