@@ -348,8 +348,3 @@ def _custom_id_of(raw: bytes) -> str | None:
         return None
     custom_id = doc.get("custom_id") if isinstance(doc, dict) else None
     return custom_id if isinstance(custom_id, str) else None
-
-
-def parsed_lines(lines: Iterable[bytes], catalog: Catalog, rules: LineRules) -> Iterator[ParsedLine]:
-    """The requests of a valid file, in file order; ``InvalidFile`` at the end if it was not."""
-    return FileCheck(catalog, rules).rows(lines)

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from shared.files import anthropic, output
-from shared.files.lines import LineRules, parse_line, parsed_lines, resolve_work, validate_file
+from shared.files.lines import FileCheck, InvalidFile, LineRules, parse_line, resolve_work, validate_file
 from shared.files.store import iter_lines
 from shared.providers.config import parse_catalog
 
@@ -171,11 +171,25 @@ def test_error_list_is_capped_with_a_count_of_the_rest() -> None:
     assert data[-1]["code"] == "too_many_errors" and "5 more" in data[-1]["message"]
 
 
-def test_parsed_lines_keep_file_order() -> None:
-    parsed = list(parsed_lines([line("b"), b"", line("a", "council:duo")], CATALOG, RULES))
+def test_a_valid_file_yields_its_rows_in_file_order() -> None:
+    parsed = list(FileCheck(CATALOG, RULES).rows([line("b"), b"", line("a", "council:duo")]))
     assert [(p.line, p.custom_id, p.request["model"]) for p in parsed] == [
         (1, "b", "council"),
         (3, "a", "council:duo"),
+    ]
+
+
+def test_rows_stop_at_the_first_bad_line_and_the_whole_file_is_still_checked() -> None:
+    check = FileCheck(CATALOG, RULES)
+    got = []
+    with pytest.raises(InvalidFile) as raised:
+        for parsed in check.rows([line("a"), b"{", line("b"), line("a"), line("c", "nope")]):
+            got.append(parsed.custom_id)
+    assert got == ["a"]
+    assert [(e["line"], e["code"]) for e in raised.value.report.errors] == [
+        (2, "invalid_json"),
+        (4, "duplicate_custom_id"),
+        (5, "model_not_found"),
     ]
 
 
