@@ -76,7 +76,7 @@ def test_an_http_date_retry_after_is_honoured() -> None:
     when = email.utils.formatdate(time.time() + 30, usegmt=True)  # a date is wall-clock time
     client, _ = client_for([limited(when), ok()], clock)
     assert client.get("/v1/batches/b").status_code == 200
-    assert len(clock.slept) == 1 and clock.slept[0] == pytest.approx(30, abs=1)
+    assert len(clock.slept) == 1 and 20 < clock.slept[0] <= 30  # whole seconds, and time passes
 
 
 def test_without_retry_after_the_ratelimit_reset_says_how_long() -> None:

@@ -58,7 +58,8 @@ def test_an_http_date_retry_after_on_a_429_is_the_wait_hint(
 ) -> None:
     exc = failure(provider, 429, http_date(40))
     assert isinstance(exc, errors.RateLimited)
-    assert exc.retry_after == pytest.approx(40, abs=2)
+    # The date is whole seconds and time passes on a busy machine: the hint can only have shrunk.
+    assert exc.retry_after is not None and 30 < exc.retry_after <= 40
 
 
 @pytest.mark.parametrize("provider", PROVIDERS, ids=IDS)
@@ -67,7 +68,7 @@ def test_an_http_date_retry_after_on_a_503_is_the_wait_hint(
 ) -> None:
     exc = failure(provider, 503, http_date(25))
     assert isinstance(exc, errors.Overloaded)
-    assert exc.retry_after == pytest.approx(25, abs=2)
+    assert exc.retry_after is not None and 15 < exc.retry_after <= 25
 
 
 @pytest.mark.parametrize("provider", PROVIDERS, ids=IDS)
