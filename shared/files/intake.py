@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy.orm import Session, sessionmaker
@@ -50,6 +50,7 @@ def _admit(
     priority: Priority,
     metadata: dict[str, str] | None,
     webhook_url: str | None,
+    knowledge: dict[str, Any] | None = None,
     completion_window: str | None,
     endpoint: str,
     input_file_id: str | None = None,
@@ -75,6 +76,7 @@ def _admit(
         window=window,
         window_s=window_s,
         webhook_url=webhook_url,
+        knowledge=knowledge,
         endpoint=endpoint,
         input_file_id=input_file_id,
     )
@@ -127,6 +129,7 @@ def create_file_batch(
         priority=payload.priority,
         metadata=payload.metadata,
         webhook_url=payload.webhook_url,
+        knowledge=payload.knowledge.model_dump() if payload.knowledge else None,
         completion_window=payload.completion_window,
         endpoint=CHAT_URL,
         input_file_id=stored.id,

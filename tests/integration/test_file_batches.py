@@ -280,3 +280,16 @@ def test_uploads_are_refused_whole_over_the_limits(api: httpx.Client) -> None:
     assert kept["expires_at"] == kept["created_at"] + 3600
     api.delete(f"/v1/files/{kept['id']}")
     assert api.get("/v1/files").json()["data"] == []
+
+
+def test_a_file_batch_takes_conclaves_own_fields_too(api: httpx.Client) -> None:
+    file_id = upload(api, [orjson.dumps(line("k", "sim:alpha", "Grounded?"))])
+    batch = create(api, file_id, priority="high", knowledge={"domain": "healthcare", "top_k": 2})
+    assert batch["priority"] == "high"
+    assert batch["knowledge"] == {"domain": "healthcare", "top_k": 2}
+    assert wait_for_batch(api, batch["id"], 60)["status"] == "completed"
+    refused = api.post(
+        "/v1/batches",
+        json={"input_file_id": file_id, "endpoint": "/v1/chat/completions", "council": {"mode": "single"}},
+    )
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "council"
