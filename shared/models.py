@@ -98,6 +98,8 @@ class Query(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("batch_id", "custom_id", name="uq_queries_batch_custom_id"),
         Index("ix_queries_batch_status", "batch_id", "status"),
+        # Results and output files page through a batch in input order (WHERE batch_id, seq > n).
+        Index("ix_queries_batch_seq", "batch_id", "seq"),
         Index("ix_queries_status_lease", "status", "lease_expires_at"),
     )
 

@@ -46,6 +46,8 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["file_id"], ["files.id"]),
         sa.PrimaryKeyConstraint("file_id", "seq"),
     )
+    with op.batch_alter_table("queries", schema=None) as batch_op:
+        batch_op.create_index("ix_queries_batch_seq", ["batch_id", "seq"], unique=False)
     with op.batch_alter_table("batches", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column(
@@ -64,6 +66,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("queries", schema=None) as batch_op:
+        batch_op.drop_index("ix_queries_batch_seq")
     with op.batch_alter_table("batches", schema=None) as batch_op:
         batch_op.drop_column("error_file_id")
         batch_op.drop_column("output_file_id")
