@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from shared.errors import BadRequest, InvalidField, PayloadTooLarge
@@ -106,11 +107,15 @@ class MultipartUpload:
         if self._body_done:
             return False
         piece = self._pull()
-        if not piece:
-            self._body_done = True
-            self._parser.finalize()
-            return False
-        self._parser.write(piece)
+        try:
+            if not piece:
+                self._body_done = True
+                self._parser.finalize()
+                return False
+            self._parser.write(piece)
+        except MultipartParseError as exc:
+            # A body that is not the multipart its header announces is the client's mistake.
+            raise BadRequest(f"the multipart body is malformed: {exc}") from exc
         return True
 
     def read(self, size: int) -> bytes:
