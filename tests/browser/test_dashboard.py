@@ -267,6 +267,11 @@ def test_a_cross_site_form_post_is_refused(
         assert no_origin.status_code == 403
         assert api.get(f"/v1/batches/{batch_id}").json()["status"] == "in_progress"
         api.post(f"/v1/batches/{batch_id}/cancel")
+    # Nor can another site sign the browser in (to a session of the attacker's choosing).
+    login = httpx.post(
+        f"{deployment.url}/dashboard/signin", data={"api_key": key}, headers={"Origin": "http://evil.example"}
+    )
+    assert login.status_code == 403 and "set-cookie" not in login.headers
 
 
 def test_a_viewer_sees_no_cancel_and_the_api_refuses_it(browse: Any, deployment: Deployment) -> None:
