@@ -17,6 +17,7 @@ from api.ratelimit import SlidingWindow
 from api.routes import (
     admin,
     batches,
+    cache,
     events,
     files,
     health,
@@ -64,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Guards, settings=settings, limiter=limiter, metrics=metrics_buffer)
     app.state.conclave = state
     install_error_handlers(app)
-    for module in (health, metrics, batches, queries, webhooks, usage, keys, knowledge, admin):
+    for module in (health, metrics, batches, queries, webhooks, usage, keys, knowledge, admin, cache):
         app.include_router(module.router)
     app.include_router(events.router)
     app.include_router(files.router)

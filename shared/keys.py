@@ -20,6 +20,8 @@ reads its layout; everyone else calls that module (admin views included).
 | ``{ns}:progress:{batch}:{stage}`` | set | ``shared/progress.py`` |
 | ``{ns}:progress-changed:{batch}`` | pub/sub channel | ``shared/progress.py`` |
 | ``{ns}:dashboard-session:{sha256}`` | string | ``shared/dashboard_sessions.py`` |
+| ``{ns}:cache:{tenant}:{g}.{m}:{sha256}`` (+ ``:lock``) | string | ``shared/cache.py`` (exact cache) |
+| ``{ns}:cache-gen:{tenant}`` | hash | ``shared/cache.py`` (invalidation generations) |
 """
 
 from __future__ import annotations
@@ -104,3 +106,18 @@ def progress_changed(ns: str, batch_id: str) -> str:
 
 def dashboard_session(ns: str, token_sha256: str) -> str:
     return f"{ns}:dashboard-session:{token_sha256}"
+
+
+def cache_prefix(ns: str, tenant_id: str) -> str:
+    """A tenant's exact-cache entries hang below this (``shared/cache.py`` adds the generation and
+    the digest): never shared across tenants."""
+    return f"{ns}:cache:{tenant_id}"
+
+
+def cache_lock(entry_key: str) -> str:
+    return f"{entry_key}:lock"
+
+
+def cache_generations(ns: str, tenant_id: str) -> str:
+    """Hash of invalidation generations: field ``*`` for the whole tenant, one per model."""
+    return f"{ns}:cache-gen:{tenant_id}"

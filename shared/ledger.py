@@ -49,6 +49,8 @@ class CallRecord:
     ended_ns: int = field(default=0, compare=False)
     # Set when the call was sent (its in-flight row exists); None for a call refused before sending.
     call_key: str | None = field(default=None, compare=False)
+    # A ``cached`` call (answered from shared/cache.py, never sent): what it would have cost.
+    saved_usd: float = 0.0
 
     def row(self) -> dict[str, Any]:
         data = asdict(self)
@@ -179,9 +181,13 @@ def record_calls(session: Session, calls: Iterable[tuple[CallOwner, CallRecord]]
     if not rows:
         return 0
     session.execute(insert(PROVIDER_CALLS), rows)
-    usage: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
+    usage: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0, 0, 0.0])
     for r in rows:
         u = usage[r["batch_id"]]
+        if r["status"] == CallStatus.CACHED:  # not a call: a hit, and what it saved
+            u[4] += 1
+            u[5] += r["saved_usd"]
+            continue
         u[0] += 1
         u[1] += r["input_tokens"]
         u[2] += r["output_tokens"]
@@ -224,6 +230,8 @@ def _add_usage(session: Session, usage: dict[str, list[float]]) -> None:
             "input_tokens": u.input_tokens + upsert.excluded.input_tokens,
             "output_tokens": u.output_tokens + upsert.excluded.output_tokens,
             "cost_usd": u.cost_usd + upsert.excluded.cost_usd,
+            "cache_hits": u.cache_hits + upsert.excluded.cache_hits,
+            "saved_usd": u.saved_usd + upsert.excluded.saved_usd,
         },
     )
     # Sorted: every writer locks batch rows in the same order, so two never deadlock on them.
@@ -236,6 +244,8 @@ def _add_usage(session: Session, usage: dict[str, list[float]]) -> None:
                 "input_tokens": int(v[1]),
                 "output_tokens": int(v[2]),
                 "cost_usd": v[3],
+                "cache_hits": int(v[4]) if len(v) > 4 else 0,
+                "saved_usd": v[5] if len(v) > 4 else 0.0,
             }
             for b, v in sorted(usage.items())
         ],
@@ -251,7 +261,10 @@ def recent_latencies(session: Session, since: int) -> dict[str, list[int]]:
     """Latencies (ms) of the most recent finished attempts since ``since``, by provider."""
     rows = session.execute(
         select(col(ProviderCall.model), col(ProviderCall.latency_ms))
-        .where(col(ProviderCall.created_at) >= since, col(ProviderCall.status) != CallStatus.IN_FLIGHT)
+        .where(
+            col(ProviderCall.created_at) >= since,
+            col(ProviderCall.status).not_in((CallStatus.IN_FLIGHT, CallStatus.CACHED)),
+        )
         .order_by(col(ProviderCall.id).desc())
         .limit(LATENCY_SAMPLE)
     ).all()

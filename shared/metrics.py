@@ -160,6 +160,11 @@ COUNTERS = {
         ["provider", "model", "direction"],
     ),
     "cost_usd": ("conclave_cost_usd", "Cost of provider calls in USD", ["provider", "model"]),
+    "cache_hits": (
+        "conclave_cache_hits",
+        "Calls answered from the exact cache instead of a provider (SPEC §14)",
+        ["provider", "model", "stage"],
+    ),
     "queries_finished": ("conclave_queries_finished", "Queries finished by outcome", ["status"]),
     "webhook_deliveries": (
         "conclave_webhook_deliveries",

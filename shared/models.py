@@ -156,6 +156,8 @@ class ProviderCall(SQLModel, table=True):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    # A ``cached`` row: what the call would have cost at the model's price (shared/cache.py).
+    saved_usd: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})
     created_at: int
 
 
@@ -170,6 +172,9 @@ class BatchUsage(SQLModel, table=True):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    # ``cached`` ledger rows: calls answered from the exact cache, and what they would have cost.
+    cache_hits: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    saved_usd: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})
 
 
 class WebhookEndpoint(SQLModel, table=True):

@@ -61,6 +61,8 @@ class BatchCreate(BaseModel):
     webhook_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://[^/?#\s]+")
     metadata: dict[str, str] | None = None
     completion_window: str | None = None
+    # SPEC §14: reuse answers of identical calls; None = the tenant's setting (its tier's, else off).
+    cache: Literal["off", "exact"] | None = None
 
 
 class MessageBatchCreate(BaseModel):

@@ -28,6 +28,8 @@ class TierLimits(BaseModel):
     queries_per_day: int | None = Field(default=None, ge=1)  # None = unlimited
     max_batch_queries: int = Field(ge=1)
     max_priority: Priority = "normal"
+    # A batch's cache when it names none (SPEC §14); a tenant's ``limits`` may set its own.
+    cache: Literal["off", "exact"] = "off"
 
 
 DEFAULT_TIERS = {
@@ -111,6 +113,11 @@ class Settings(BaseSettings):
     tier_monthly_budget_usd: dict[str, float | None] = Field(
         default={"free": 10.0, "pro": 1000.0, "enterprise": None}
     )
+
+    # Exact cache of calls (SPEC §14, shared/cache.py): how long an answer is reused; how long one
+    # identical call in flight holds the others back (its lock's TTL: past it, they call too).
+    cache_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    cache_lock_ttl_s: float = Field(default=30.0, gt=0)
 
     environment: Literal["development", "production", "test"] = "development"
     log_level: str = "INFO"

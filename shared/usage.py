@@ -7,10 +7,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
+from shared.lifecycle.statuses import CallStatus
 from shared.models import ProviderCall, Tenant
 from shared.settings import Settings
 
@@ -18,8 +19,12 @@ GroupBy = Literal["day", "provider", "model"]
 
 
 def _sums() -> list[Any]:
+    # A ``cached`` row is a hit (SPEC §14), not a call: counted apart, with what it saved.
+    cached = col(ProviderCall.status) == CallStatus.CACHED
     return [
-        func.count().label("calls"),
+        func.coalesce(func.sum(case((cached, 0), else_=1)), 0).label("calls"),
+        func.coalesce(func.sum(case((cached, 1), else_=0)), 0).label("cache_hits"),
+        func.coalesce(func.sum(col(ProviderCall.saved_usd)), 0.0).label("cost_saved_usd"),
         func.coalesce(func.sum(col(ProviderCall.input_tokens)), 0).label("input_tokens"),
         func.coalesce(func.sum(col(ProviderCall.output_tokens)), 0).label("output_tokens"),
         func.coalesce(func.sum(col(ProviderCall.cost_usd)), 0.0).label("cost_usd"),
@@ -33,6 +38,8 @@ def _totals(row: Any) -> dict[str, Any]:
         "output_tokens": int(row.output_tokens),
         "total_tokens": int(row.input_tokens) + int(row.output_tokens),
         "cost_usd": round(float(row.cost_usd), 8),
+        "cache_hits": int(row.cache_hits),
+        "cost_saved_usd": round(float(row.cost_saved_usd), 8),
     }
 
 
@@ -71,18 +78,29 @@ def usage_report(
         for r in by_model:
             provider = str(r.key).partition(":")[0]
             acc = merged.setdefault(
-                provider, {"calls": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+                provider,
+                {
+                    "calls": 0,
+                    "input_tokens": 0,
+                    "output_tokens": 0,
+                    "cost_usd": 0.0,
+                    "cache_hits": 0,
+                    "cost_saved_usd": 0.0,
+                },
             )
             acc["calls"] += int(r.calls)
             acc["input_tokens"] += int(r.input_tokens)
             acc["output_tokens"] += int(r.output_tokens)
             acc["cost_usd"] += float(r.cost_usd)
+            acc["cache_hits"] += int(r.cache_hits)
+            acc["cost_saved_usd"] += float(r.cost_saved_usd)
         groups = [
             {
                 "provider": p,
                 **v,
                 "total_tokens": v["input_tokens"] + v["output_tokens"],
                 "cost_usd": round(v["cost_usd"], 8),
+                "cost_saved_usd": round(v["cost_saved_usd"], 8),
             }
             for p, v in sorted(merged.items())
         ]

@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.batches.read import batch_config
+from shared.cache import ExactCache
 from shared.db import make_engine, make_sessionmaker, write_transaction
 from shared.lifecycle.transitions import (
     ClaimedQuery,
@@ -143,6 +144,12 @@ class WorkerContext:
 
 
 def build_runner(settings: Settings, catalog: Catalog, journal: CallJournal, worker_id: str) -> Runner:
+    redis_client = aioredis.Redis(
+        # Many calls report to the breaker at once: wait for a connection, never fail for want of one.
+        connection_pool=aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=64, timeout=10
+        )
+    )
     return Runner(
         catalog,
         build_providers(catalog),
@@ -152,15 +159,16 @@ def build_runner(settings: Settings, catalog: Catalog, journal: CallJournal, wor
         min_answers=settings.min_answers,
         review_max_tokens=settings.review_max_tokens,
         synthesis_max_tokens=settings.synthesis_max_tokens,
-        redis_client=aioredis.Redis(
-            # Many calls report to the breaker at once: wait for a connection, never fail for want of one.
-            connection_pool=aioredis.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=64, timeout=10
-            )
-        ),
+        redis_client=redis_client,
         namespace=settings.queue_namespace,
         journal=journal,
         worker_id=worker_id,
+        cache=ExactCache(
+            redis_client,
+            settings.queue_namespace,
+            ttl_s=settings.cache_ttl_s,
+            lock_ttl_s=settings.cache_lock_ttl_s,
+        ),
     )
 
 

@@ -2,7 +2,8 @@
 
 - **claim**: take the query's lease (coalesced with the process's other claims); a query that is
   done, cancelled or held elsewhere ends here. A database error sends the message again later.
-- **prepare**: the batch's council and knowledge, grounding snippets, routing for ``mode: auto``.
+- **prepare**: the batch's council and knowledge, grounding snippets, routing for ``mode: auto``,
+  the batch's cache mode (SPEC §14; the runner asks the exact cache when it is ``exact``).
 - **run**: the council on the process's event loop (the AsyncIO middleware owns it), through
   one pooled HTTP client; every provider attempt is recorded.
 - **settle**: the outcome and its calls in one coalesced write; a query that failed behind an
@@ -69,6 +70,7 @@ class Prepared:
     grounding: tuple[KnowledgeSnippet, ...]
     routing: dict[str, Any] | None
     expires_at: int  # the end of the batch's window: how long a query may wait for a circuit
+    cache: str = "off"  # the batch's cache mode
 
 
 @dataclass
@@ -158,6 +160,7 @@ def prepare(ctx: WorkerContext, claimed: ClaimedQuery) -> Prepared:
         snippets = (
             ground(session, claimed.tenant_id, claimed.request["messages"], knowledge) if knowledge else []
         )
+    cache = council.get("cache", "off")  # the batch's, whatever council a file line names
     # A file batch's line carries its own work (a council, a preset or one model: SPEC §11).
     council = claimed.request.get("council") or council
     routing = None
@@ -170,7 +173,7 @@ def prepare(ctx: WorkerContext, claimed: ClaimedQuery) -> Prepared:
         routing, mode, members = decision.to_dict(), decision.mode, list(decision.members)
     spec = ctx.runner.council_spec({**council, "members": members}, mode)
     grounding = tuple(KnowledgeSnippet(s["id"], s["title"], s["content"]) for s in snippets)
-    return Prepared(spec, grounding, routing, expires_at)
+    return Prepared(spec, grounding, routing, expires_at, cache)
 
 
 def run(ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared) -> Ran:
@@ -189,10 +192,13 @@ def run(ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared) -> Ran:
                 knowledge=prepared.grounding,
                 calls=calls,
                 owner=claimed.owner,
+                cache=prepared.cache,
             )
         )
         status, error = result.status, result.error
         record = result.to_dict()
+        if prepared.cache != "off":
+            mark_cached(record, calls)
         record["citations"] = [s.id for s in prepared.grounding]
         if ctx.catalog.simulated:
             record["simulated"] = True
@@ -266,10 +272,27 @@ def on_loop(coroutine: Coroutine[Any, Any, T]) -> T:
     return loop.run_coroutine(coroutine)
 
 
+def mark_cached(record: dict[str, Any], calls: list[CallRecord]) -> None:
+    """Say in the result what the cache answered (SPEC §14): ``cached: "exact"`` on each member,
+    review and the synthesis answered from it, and the query's hits and saving."""
+    hits = [c for c in calls if c.status == CallStatus.CACHED]
+    by_stage = {(c.stage, c.model) for c in hits}
+    for member in record["members"]:
+        member["cached"] = "exact" if ("answer", member["model"]) in by_stage else None
+    for review in record["reviews"]:
+        review["cached"] = "exact" if ("review", review["reviewer"]) in by_stage else None
+    record["synthesis_cached"] = "exact" if ("synthesis", record["chairman"]) in by_stage else None
+    record["cache_hits"] = len(hits)
+    record["cost_saved_usd"] = round(sum(c.saved_usd for c in hits), 8)
+
+
 def record_metrics(ctx: WorkerContext, calls: list[CallRecord], status: str | None) -> None:
     metrics = ctx.metrics
     for call in calls:
         provider = call.model.partition(":")[0]
+        if call.status == CallStatus.CACHED:  # never sent: a hit, not a provider latency
+            metrics.inc("cache_hits", provider, call.model, call.stage)
+            continue
         metrics.observe_latency(provider, call.model, call.latency_ms / 1000)
         if call.status == CallStatus.FAILED:
             metrics.inc("provider_call_errors", provider, call.error_category or "unknown")

@@ -11,6 +11,10 @@ A member's fallback answers in its place, and the runner tells the council which
 (see ``workers.council.stages``). A fallback the call says to ``avoid`` (the authors of the
 answers a review shows) is skipped. Reviews and the synthesis get the runner's token budgets,
 not the query's ``max_tokens``.
+
+With a query's ``cache="exact"`` (its batch's, SPEC §14) each model's call asks the shared exact
+cache first (``shared/cache.py``): a hit is recorded as a ``cached`` call (never sent, cost 0,
+what it saved) and answers; a miss calls the provider as usual and stores a successful answer.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
+from shared.cache import Claim, Entry, ExactCache
 from shared.ids import new_id
 from shared.keys import DEFAULT_NAMESPACE
 from shared.ledger import CallOwner, CallRecord, StartedCall
 from shared.lifecycle.statuses import CallStatus, QueryStatus
 from shared.providers import errors
-from shared.providers.base import ChatRequest, Provider
+from shared.providers.base import ChatRequest, ChatResult, Provider
 from shared.providers.config import Catalog, split_model_id
 from shared.providers.guard import ProviderGuard
 from workers.council import (
@@ -68,6 +73,7 @@ class QueryRun:
     retry_budget: int
     calls: list[CallRecord] = field(default_factory=list)
     owner: CallOwner | None = None
+    cache: str = "off"  # the batch's cache mode: "exact" asks self.cache before each call
 
 
 class Runner:
@@ -87,6 +93,7 @@ class Runner:
         namespace: str = DEFAULT_NAMESPACE,
         journal: CallJournal | None = None,
         worker_id: str = "",
+        cache: ExactCache | None = None,
     ):
         self.catalog = catalog
         self.providers = providers
@@ -100,6 +107,7 @@ class Runner:
         # With a journal every sent call is in the ledger before it leaves (workers/journal.py).
         self.journal = journal
         self.worker_id = worker_id
+        self.cache = cache
         # Without Redis (unit tests) there is no shared breaker or rate limit, only the local cap.
         self.guards = {
             name: ProviderGuard(p, redis_client=redis_client, namespace=namespace)
@@ -127,11 +135,15 @@ class Runner:
         knowledge: tuple[KnowledgeSnippet, ...] = (),
         calls: list[CallRecord] | None = None,
         owner: CallOwner | None = None,
+        cache: str = "off",
     ) -> CouncilResult:
         """Run the council; every attempt is appended to ``calls`` as it happens, so the caller
         keeps the record of calls made (and paid for) even if the run dies half-way."""
         state = QueryRun(
-            retry_budget=self.retry_budget, calls=calls if calls is not None else [], owner=owner
+            retry_budget=self.retry_budget,
+            calls=calls if calls is not None else [],
+            owner=owner,
+            cache=cache,
         )
         query = QueryInput(
             query_id=query_id,
@@ -161,6 +173,27 @@ class Runner:
         raise last
 
     async def _with_retries(self, state: QueryRun, model: str, call: CallRequest) -> str:
+        if self.cache is None or state.cache != "exact" or state.owner is None:
+            return (await self._attempts(state, model, call)).text
+        started = time.perf_counter()
+        found = await self.cache.acquire(
+            state.owner.tenant_id, model, call.messages, call.max_tokens, call.temperature
+        )
+        if isinstance(found, Entry):
+            saved = self.catalog.model(model).cost(found.input_tokens, found.output_tokens)
+            state.calls.append(_cached(model, call.stage, started, saved))
+            return found.text
+        try:
+            result = await self._attempts(state, model, call)
+        except BaseException:
+            if isinstance(found, Claim):
+                await self.cache.release(found)
+            raise
+        if isinstance(found, Claim) and result.text.strip():
+            await self.cache.store(found, Entry(result.text, result.input_tokens, result.output_tokens))
+        return result.text
+
+    async def _attempts(self, state: QueryRun, model: str, call: CallRequest) -> ChatResult:
         provider_name, model_name = split_model_id(model)
         guard = self.guards[provider_name]
         price = self.catalog.model(model)
@@ -206,7 +239,7 @@ class Runner:
                 ),
                 sent,
             )
-            return result.text
+            return result
 
     def _sender(
         self, state: QueryRun, model: str, stage: str, attempt: int, request: ChatRequest
@@ -353,6 +386,23 @@ def _abandoned(model: str, stage: str, attempt: int, started: float, sent: _Sent
         cost_usd=sent.call.cost_usd,
         created_at=sent.call.created_at,
         ended_ns=time.time_ns(),
+    )
+
+
+def _cached(model: str, stage: str, started: float, saved_usd: float) -> CallRecord:
+    return CallRecord(
+        model=model,
+        stage=stage,
+        attempt=0,
+        status=CallStatus.CACHED,
+        error_category=None,
+        latency_ms=int((time.perf_counter() - started) * 1000),
+        input_tokens=0,
+        output_tokens=0,
+        cost_usd=0.0,
+        created_at=int(time.time()),
+        ended_ns=time.time_ns(),
+        saved_usd=saved_usd,
     )
 
 

@@ -32,6 +32,8 @@ class Counts:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    cache_hits: int = 0  # calls answered from the exact cache (SPEC §14)
+    cost_saved_usd: float = 0.0
 
     @property
     def terminal(self) -> int:
@@ -66,6 +68,7 @@ def counts_for(session: Session, batch_ids: Sequence[str]) -> dict[str, Counts]:
             usage.output_tokens,
             usage.cost_usd,
         )
+        d["cache_hits"], d["cost_saved_usd"] = usage.cache_hits, usage.saved_usd
     return {bid: Counts(**d) for bid, d in acc.items()}
 
 
@@ -136,6 +139,8 @@ def batch_object(batch: Batch, counts: Counts, now: int | None = None) -> dict[s
             "total_tokens": counts.input_tokens + counts.output_tokens,
         },
         "cost_usd": round(counts.cost_usd, 8),
+        "cache_hits": counts.cache_hits,
+        "cost_saved_usd": round(counts.cost_saved_usd, 8),
         "eta_seconds": eta_seconds(batch, counts, now or int(time.time())),
         "created_at": batch.created_at,
         "in_progress_at": batch.in_progress_at,

@@ -39,6 +39,8 @@ def result_record(row: Any, include_stages: bool = False) -> dict[str, Any]:
                 "status": m["status"],
                 "error": m.get("error"),
                 "latency_ms": m.get("latency_ms"),
+                # "exact" when the answer came from the exact cache (SPEC §14)
+                "cached": m.get("cached"),
             }
             for m in result.get("members", [])
         ],
@@ -54,6 +56,9 @@ def result_record(row: Any, include_stages: bool = False) -> dict[str, Any]:
     }
     if result.get("simulated"):
         record["simulated"] = True
+    if "cache_hits" in result:  # a batch with the cache on: what it reused and saved
+        record["cache_hits"] = result["cache_hits"]
+        record["cost_saved_usd"] = result["cost_saved_usd"]
     if include_stages:
         record["stages"] = {
             "answers": [

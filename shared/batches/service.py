@@ -96,6 +96,10 @@ def create_batch(
     if limits is not None:
         admission.check_tier(limits, payload)
     council = admission.resolve_council(payload, catalog)
+    # The cache mode travels with the council: workers read it once per batch (SPEC §14).
+    cache = payload.cache or (limits.cache if limits is not None else "off")
+    if cache != "off":
+        council["cache"] = cache
     metadata = admission.check_metadata(payload.metadata)
     if payload.webhook_url is not None:
         check_webhook_url(

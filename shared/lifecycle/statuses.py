@@ -39,6 +39,9 @@ class CallStatus(StrEnum):
     FAILED = "failed"
     IN_FLIGHT = "in_flight"
     ABANDONED = "abandoned"
+    # Answered from the exact cache (shared/cache.py): never sent, costs nothing; the row keeps
+    # what the call would have cost (``saved_usd``).
+    CACHED = "cached"
 
 
 BATCH_TERMINAL = frozenset(
