@@ -24,6 +24,7 @@ from scheduler.leader import LeaderLock
 from shared import keys
 from shared.db import make_engine, make_sessionmaker, upgrade
 from shared.files.store import purge_expired
+from shared.files.views import measure_ended_views
 from shared.knowledge.feeds import import_due_feeds
 from shared.logs import configure_logging
 from shared.metrics import MetricsBuffer
@@ -40,7 +41,7 @@ INTERVALS = {
     "budgets": 60,
     "daily_summary": 300,
     "feeds": 5,
-    "files": 300,
+    "files": 10,
 }
 
 
@@ -73,7 +74,7 @@ def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
         "expiry": lambda: expire_batches(sessions),
         "budgets": lambda: budget_checks(sessions, settings),
         "daily_summary": lambda: daily_summaries(sessions),
-        "files": lambda: purge_expired(sessions),
+        "files": lambda: (purge_expired(sessions), measure_ended_views(sessions)),
         "feeds": lambda: import_due_feeds(
             sessions,
             allow_private=settings.webhook_allow_private,

@@ -27,7 +27,7 @@ from sqlmodel import col
 
 from shared.files import output
 from shared.files.store import iter_chunks, set_size
-from shared.lifecycle.statuses import QUERY_TERMINAL, QueryStatus
+from shared.lifecycle.statuses import BATCH_TERMINAL, QUERY_TERMINAL, QueryStatus
 from shared.models import Batch, Query, StoredFile
 
 PAGE = 1000
@@ -128,3 +128,20 @@ def ensure_size(sessions: sessionmaker[Session], stored: StoredFile) -> StoredFi
         set_size(sessions, stored.id, total, lines)
         stored.bytes, stored.lines = total, lines
     return stored
+
+
+def measure_ended_views(sessions: sessionmaker[Session], limit: int = 20) -> int:
+    """Measure views of batches that have ended and were never asked for (a scheduler job), so a
+    file list seldom has to render one; returns how many it measured."""
+    ended = select(col(Batch.id)).where(col(Batch.status).in_(BATCH_TERMINAL))
+    with sessions() as session:
+        pending = list(
+            session.scalars(
+                select(StoredFile)
+                .where(col(StoredFile.bytes).is_(None), col(StoredFile.batch_id).in_(ended))
+                .limit(limit)
+            )
+        )
+    for stored in pending:
+        ensure_size(sessions, stored)
+    return len(pending)

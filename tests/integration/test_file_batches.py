@@ -14,6 +14,8 @@ import orjson
 import pytest
 
 from scheduler.jobs.expiry import expire_batches
+from shared.files.views import measure_ended_views
+from shared.models import StoredFile
 from shared.settings import Settings
 from shared.sim import SimServer
 from shared.stack import Stack
@@ -293,3 +295,15 @@ def test_a_file_batch_takes_conclaves_own_fields_too(api: httpx.Client) -> None:
         json={"input_file_id": file_id, "endpoint": "/v1/chat/completions", "council": {"mode": "single"}},
     )
     assert refused.status_code == 422 and refused.json()["error"]["param"] == "council"
+
+
+def test_the_scheduler_measures_ended_views_before_anyone_asks(api: httpx.Client, sessions: Any) -> None:
+    batch = create(api, upload(api, [orjson.dumps(line("m", "sim:alpha", "Measure me."))]))
+    done = wait_for_batch(api, batch["id"], 60)
+    with sessions() as session:
+        assert session.get(StoredFile, done["output_file_id"]).bytes is None
+    while measure_ended_views(sessions, limit=100):
+        pass
+    with sessions() as session:
+        measured = session.get(StoredFile, done["output_file_id"]).bytes
+    assert measured == len(api.get(f"/v1/files/{done['output_file_id']}/content").content) > 0
