@@ -36,8 +36,8 @@ def failures_by_type(session: Session, batch_id: str) -> dict[str, int]:
 def model_figures(
     session: Session, *, batch_id: str | None = None, tenant_id: str | None = None, since: int | None = None
 ) -> list[dict[str, Any]]:
-    """Per model: calls, failed calls by category, p50/p95 latency, tokens and cost — for one
-    batch, or for a tenant since a time."""
+    """Per model: calls (cache hits among them), failed calls by category, p50/p95 latency of
+    the calls a provider answered, tokens and cost — for one batch, or for a tenant since a time."""
     c = PROVIDER_CALLS.c
     where = []
     if batch_id is not None:
@@ -57,6 +57,12 @@ def model_figures(
         .group_by(c.model)
         .order_by(c.model)
     ).all()
+    cached: dict[str, int] = {
+        model: int(n)
+        for model, n in session.execute(
+            select(c.model, func.count()).where(*where, c.status == CallStatus.CACHED).group_by(c.model)
+        ).all()
+    }
     errors: dict[str, dict[str, int]] = {}
     for model, category, n in session.execute(
         select(c.model, c.error_category, func.count())
@@ -69,8 +75,9 @@ def model_figures(
         latencies = sorted(
             int(v)
             for v in session.scalars(
+                # A call answered from the cache took no provider time: it would flatter the model.
                 select(c.latency_ms)
-                .where(*where, c.model == model)
+                .where(*where, c.model == model, c.status != CallStatus.CACHED)
                 .order_by(c.id.desc())
                 .limit(LATENCY_SAMPLE)
             )
@@ -81,6 +88,7 @@ def model_figures(
                 "model": model,
                 "calls": int(calls),
                 "failed": failed,
+                "cached": cached.get(model, 0),
                 "error_rate": round(failed / calls, 4) if calls else 0.0,
                 "errors": errors.get(model, {}),
                 "latency_p50_ms": quantile(latencies, 0.50),

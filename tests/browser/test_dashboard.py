@@ -65,9 +65,13 @@ def test_batch_page_follows_a_running_batch_live_and_downloads_results(
         b.page.evaluate("window.__notReloaded = true")
         samples = []
         deadline = time.monotonic() + 180
+        shot_running = False
         while time.monotonic() < deadline:
             figures = dom_figures(b.page)
             samples.append(figures)
+            if not shot_running and 0 < figures["stages"]["synthesis"] < figures["stages"]["answer"] < 300:
+                b.shot("batch-running")
+                shot_running = True
             if b.page.text_content("#stream-state") == "ended":
                 break
             b.page.wait_for_timeout(150)

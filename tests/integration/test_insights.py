@@ -66,7 +66,7 @@ def test_failures_by_type_and_per_model_figures(sessions: Any) -> None:
             ],
         )
         calls = [("sim:alpha", "succeeded", None, 100, 0.5), ("sim:alpha", "failed", "timeout", 300, 0.0)]
-        calls += [("sim:beta", "succeeded", None, 200, 0.25)]
+        calls += [("sim:beta", "succeeded", None, 200, 0.25), ("sim:beta", "cached", None, 0, 0.0)]
         session.execute(
             insert(PROVIDER_CALLS),
             [
@@ -92,17 +92,20 @@ def test_failures_by_type_and_per_model_figures(sessions: Any) -> None:
         assert failures_by_type(session, batch_id) == {"timeout": 2, "insufficient_answers": 1, "unknown": 1}
         figures = {m["model"]: m for m in model_figures(session, batch_id=batch_id)}
         assert figures["sim:alpha"]["calls"] == 2 and figures["sim:alpha"]["failed"] == 1
+        assert figures["sim:alpha"]["cached"] == 0
         assert figures["sim:alpha"]["errors"] == {"timeout": 1}
         assert figures["sim:alpha"]["latency_p50_ms"] == 300 and figures["sim:alpha"]["cost_usd"] == 0.5
         assert figures["sim:beta"] == {
             "model": "sim:beta",
-            "calls": 1,
+            "calls": 2,
             "failed": 0,
+            "cached": 1,
             "error_rate": 0.0,
             "errors": {},
+            # The cache hit (0 ms) is not a provider's latency.
             "latency_p50_ms": 200,
             "latency_p95_ms": 200,
-            "tokens": 15,
+            "tokens": 30,
             "cost_usd": 0.25,
         }
         assert model_figures(session, tenant_id=tenant_id, since=101) == []

@@ -110,9 +110,9 @@ function renderDetail(b) {
   setText("tokens", b.usage.total_tokens);
   fill("failures", Object.entries(b.failures_by_type).map(([k, n]) => row([cell(k), cell(n, "num")])), "None", 2);
   fill("members", b.members.map((m) => row([
-    cell(m.model), cell(m.calls, "num"), cell(m.failed, "num"), cell(ms(m.latency_p50_ms), "num"),
+    cell(m.model), cell(m.calls, "num"), cell(m.cached, "num"), cell(m.failed, "num"), cell(ms(m.latency_p50_ms), "num"),
     cell(ms(m.latency_p95_ms), "num"), cell(money(m.cost_usd), "num"),
-  ])), "No calls yet", 6);
+  ])), "No calls yet", 7);
 }
 function batchPage() {
   const id = document.body.dataset.batchId;
@@ -161,10 +161,10 @@ function modelsPage() {
   every(5000, async () => {
     const page = await getJSON("/dashboard/data/models");
     fill("model-rows", page.data.map((m) => row([
-      cell(m.model), cell(m.calls, "num"), cell(m.failed, "num"), cell(pct(m.error_rate), "num"),
+      cell(m.model), cell(m.calls, "num"), cell(m.cached, "num"), cell(m.failed, "num"), cell(pct(m.error_rate), "num"),
       cell(Object.entries(m.errors).map(([k, n]) => k + " " + n).join(", ") || "–"),
       cell(ms(m.latency_p50_ms), "num"), cell(ms(m.latency_p95_ms), "num"), cell(m.tokens, "num"), cell(money(m.cost_usd), "num"),
-    ])), "No calls in the last 24 hours.", 9);
+    ])), "No calls in the last 24 hours.", 10);
   });
 }
 
