@@ -16,9 +16,11 @@ from api.middleware import Guards
 from api.ratelimit import SlidingWindow
 from api.routes import (
     admin,
+    analytics,
     batches,
     cache,
     events,
+    feedback,
     files,
     health,
     keys,
@@ -71,4 +73,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(message_batches.router)
     app.include_router(dashboard.router)
+    app.include_router(analytics.router)
+    app.include_router(feedback.router)
     return app

@@ -16,6 +16,7 @@ from typing import Any
 import redis
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from scheduler.jobs.analytics import fold_analytics
 from scheduler.jobs.costs import budget_checks, daily_summaries
 from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.reconcile import Reconciler
@@ -42,6 +43,7 @@ INTERVALS = {
     "daily_summary": 300,
     "feeds": 5,
     "files": 10,
+    "analytics": 5,
 }
 
 
@@ -75,6 +77,7 @@ def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
         "budgets": lambda: budget_checks(sessions, settings),
         "daily_summary": lambda: daily_summaries(sessions),
         "files": lambda: (purge_expired(sessions), measure_ended_views(sessions)),
+        "analytics": lambda: fold_analytics(sessions),
         "feeds": lambda: import_due_feeds(
             sessions,
             allow_private=settings.webhook_allow_private,

@@ -327,3 +327,154 @@ DELIVERIES: Table = WebhookDelivery.__table__  # type: ignore[attr-defined]
 BATCH_USAGE: Table = BatchUsage.__table__  # type: ignore[attr-defined]
 FILES: Table = StoredFile.__table__  # type: ignore[attr-defined]
 FILE_CHUNKS: Table = FileChunk.__table__  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- council analytics (SPEC §13)
+# Rollups kept by ``shared.analytics.rollups`` (folded by the scheduler from finished queries);
+# every counter is additive, so one fold is one upsert per row and a range is a sum over days.
+
+
+class AnalyticsCursor(SQLModel, table=True):
+    """How far the fold has gone: the last (finished_at, query id) folded. One row per fold."""
+
+    __tablename__ = "analytics_cursor"
+
+    name: str = Field(primary_key=True, max_length=32)
+    finished_at: int = 0
+    query_id: str = Field(default="", max_length=40)
+    folded: int = 0
+    updated_at: int = 0
+
+
+class ModelDayRollup(SQLModel, table=True):
+    """One model's day in one tenant: its calls, its stage 1 answers and how its peers ranked them."""
+
+    __tablename__ = "analytics_model_day"
+
+    tenant_id: str = Field(primary_key=True, max_length=40)
+    day: int = Field(primary_key=True)  # Unix seconds of 00:00 UTC
+    model: str = Field(primary_key=True, max_length=128)
+    calls: int = 0
+    call_failures: int = 0
+    call_timeouts: int = 0
+    answers: int = 0
+    answer_failures: int = 0
+    rank_sum: int = 0
+    rank_votes: int = 0
+    first_places: int = 0
+    cost_usd: float = 0.0
+
+
+class ModelLatencyRollup(SQLModel, table=True):
+    """Succeeded calls of one model per latency bucket (``shared.analytics.fitting.BUCKET_RATIO``)."""
+
+    __tablename__ = "analytics_model_latency"
+
+    tenant_id: str = Field(primary_key=True, max_length=40)
+    day: int = Field(primary_key=True)
+    model: str = Field(primary_key=True, max_length=128)
+    bucket: int = Field(primary_key=True)
+    calls: int = 0
+
+
+class PairRollup(SQLModel, table=True):
+    """How often a valid review ranked ``winner`` above ``loser`` (every ordered pair of a ranking)."""
+
+    __tablename__ = "analytics_pairs"
+
+    tenant_id: str = Field(primary_key=True, max_length=40)
+    day: int = Field(primary_key=True)
+    winner: str = Field(primary_key=True, max_length=128)
+    loser: str = Field(primary_key=True, max_length=128)
+    wins: int = 0
+
+
+class BatchRollup(SQLModel, table=True):
+    """What a batch's councils say about its reviewers and chairmen (``GET /v1/batches/{id}/report``)."""
+
+    __tablename__ = "analytics_batch"
+
+    batch_id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(max_length=40)
+    queries: int = 0
+    reviews: int = 0
+    reviews_valid: int = 0
+    reviews_invalid: int = 0
+    reviews_failed: int = 0
+    # Kendall's W of each query whose reviews form a complete balanced design, summed.
+    agreement_sum: float = 0.0
+    agreement_queries: int = 0
+    synthesis_chairman: int = 0
+    synthesis_fallback_chairman: int = 0
+    synthesis_top_ranked: int = 0
+    synthesis_single: int = 0
+
+
+class BatchPositionRollup(SQLModel, table=True):
+    """Valid reviews of a batch that saw ``shown`` answers, and how many ranked the first shown first."""
+
+    __tablename__ = "analytics_batch_position"
+
+    batch_id: str = Field(primary_key=True, max_length=40)
+    shown: int = Field(primary_key=True)
+    reviews: int = 0
+    first_ranked_first: int = 0
+
+
+class BatchStageRollup(SQLModel, table=True):
+    """A batch's provider calls per council stage."""
+
+    __tablename__ = "analytics_batch_stage"
+
+    batch_id: str = Field(primary_key=True, max_length=40)
+    stage: str = Field(primary_key=True, max_length=16)
+    calls: int = 0
+    failures: int = 0
+    cost_usd: float = 0.0
+
+
+class BatchStageLatency(SQLModel, table=True):
+    """A batch's succeeded calls of one stage per latency bucket."""
+
+    __tablename__ = "analytics_batch_latency"
+
+    batch_id: str = Field(primary_key=True, max_length=40)
+    stage: str = Field(primary_key=True, max_length=16)
+    bucket: int = Field(primary_key=True)
+    calls: int = 0
+
+
+class QueryFeedback(SQLModel, table=True):
+    """A user's rating of a query's answer (SPEC §13): one per key and query, a new one replaces it.
+
+    ``model`` is the model that wrote the answer rated (the chairman, or the member whose answer
+    stood), so the leaderboard can credit it."""
+
+    __tablename__ = "query_feedback"
+    __table_args__ = (
+        UniqueConstraint("query_id", "key_id", name="uq_query_feedback_key"),
+        Index("ix_query_feedback_tenant_model", "tenant_id", "model", "created_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    query_id: str = Field(max_length=40)
+    key_id: str = Field(max_length=40)
+    tenant_id: str = Field(max_length=40)
+    model: str | None = Field(default=None, max_length=128)
+    rating: int
+    comment: str | None = Field(default=None, max_length=2000)
+    created_at: int
+    updated_at: int
+
+
+# The fold reads finished queries in (finished_at, id) order.
+Index("ix_queries_finished", QUERIES.c.finished_at, QUERIES.c.id)
+
+MODEL_DAY: Table = ModelDayRollup.__table__  # type: ignore[attr-defined]
+MODEL_LATENCY: Table = ModelLatencyRollup.__table__  # type: ignore[attr-defined]
+PAIRS: Table = PairRollup.__table__  # type: ignore[attr-defined]
+BATCH_ROLLUP: Table = BatchRollup.__table__  # type: ignore[attr-defined]
+BATCH_POSITION: Table = BatchPositionRollup.__table__  # type: ignore[attr-defined]
+BATCH_STAGE: Table = BatchStageRollup.__table__  # type: ignore[attr-defined]
+BATCH_LATENCY: Table = BatchStageLatency.__table__  # type: ignore[attr-defined]
+FEEDBACK: Table = QueryFeedback.__table__  # type: ignore[attr-defined]

@@ -1,9 +1,10 @@
 """What the simulated provider says: deterministic answers and stage 2 rankings (SPEC §4.3, §5.1).
 
 Owns telling a review prompt from any other, the labels a review must rank, the permutation a
-model "prefers", the deliberately broken rankings (``messy``), and the token estimate. Pure
-functions of the prompt and model, except ``messy`` which the caller draws from its RNG. Knows
-nothing about HTTP or wire formats.
+model "prefers" (bent, when configured, toward preferred authors or the first-shown answer),
+the deliberately broken rankings (``messy``), and the token estimate. Pure functions of the
+prompt and model, except ``messy`` which the caller draws from its RNG. Knows nothing about
+HTTP or wire formats.
 """
 
 from __future__ import annotations
@@ -52,9 +53,59 @@ def preferred_order(model: str, last_user_message: str, labels: list[str]) -> li
     return order
 
 
-def review_answer(model: str, last_user_message: str, messy: str | None = None) -> str:
+# A label's heading line, then the answer under it, which the simulator signed with its author.
+_AUTHOR = re.compile(r"\bResponse ([A-Z]{1,3})\b[^\n]*\n+\[simulated ([^\]\n]+)\]")
+
+
+def answer_authors(last_user_message: str) -> dict[str, str]:
+    """Label → the model that wrote the answer under it, for answers the simulator wrote."""
+    authors: dict[str, str] = {}
+    for label, model in _AUTHOR.findall(last_user_message):
+        authors.setdefault(label, model)
+    return authors
+
+
+def _uniform(*parts: str) -> float:
+    """A draw in [0, 1) fixed by ``parts``: reruns agree, and the server's RNG sequence is untouched."""
+    digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def judged_order(
+    model: str,
+    last_user_message: str,
+    labels: list[str],
+    preferred: dict[str, float] | None = None,
+    first_bias: float = 0.0,
+) -> list[str]:
+    """The ranking ``model`` gives: its ``preferred_order``, then (with probability ``p``) the
+    answer of a model in ``preferred`` moved to the top (the most preferred is tried first), then
+    (with probability ``first_bias``) the first-shown answer moved to the top."""
+    order = preferred_order(model, last_user_message, labels)
+    if preferred:
+        authors = answer_authors(last_user_message)
+        candidates = sorted(
+            (label for label in order if authors.get(label) in preferred),
+            key=lambda label: -preferred[authors[label]],
+        )
+        for label in candidates:
+            if _uniform("prefer", model, label, last_user_message) < preferred[authors[label]]:
+                order = [label, *(other for other in order if other != label)]
+                break
+    if first_bias > 0 and labels and _uniform("first", model, last_user_message) < first_bias:
+        order = [labels[0], *(other for other in order if other != labels[0])]
+    return order
+
+
+def review_answer(
+    model: str,
+    last_user_message: str,
+    messy: str | None = None,
+    preferred: dict[str, float] | None = None,
+    first_bias: float = 0.0,
+) -> str:
     """A short evaluation ending in a ``FINAL RANKING:`` block, broken on purpose when ``messy``."""
-    order = preferred_order(model, last_user_message, review_labels(last_user_message))
+    order = judged_order(model, last_user_message, review_labels(last_user_message), preferred, first_bias)
     lines = [f"[simulated {model}] Evaluation of {len(order)} responses."]
     for place, label in enumerate(order, start=1):
         lines.append(f"Response {label} {_VERDICTS[min(place, len(_VERDICTS)) - 1]}")

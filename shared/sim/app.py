@@ -124,18 +124,25 @@ async def _provider_call(request: web.Request, wire: WireFormat) -> web.Response
     seq = _record(state, wire.api, prompt.model, review, prompt.text, plan.outcome, plan.delay_s, plan.messy)
     if plan.delay_s > 0:
         await asyncio.sleep(plan.delay_s)
-    return _reply(wire, prompt, plan, review, seq, config.retry_after_s)
+    return _reply(wire, prompt, plan, review, seq, config)
 
 
 def _reply(
-    wire: WireFormat, prompt: Prompt, plan: CallPlan, review: bool, seq: int, retry_after_s: float
+    wire: WireFormat, prompt: Prompt, plan: CallPlan, review: bool, seq: int, config: SimConfig
 ) -> web.Response:
     outcome = plan.outcome
+    retry_after_s = config.retry_after_s
     if outcome in ("ok", "timeout", "bad_response", "empty"):
         if outcome == "empty":
             text = ""
         elif review:
-            text = answers.review_answer(prompt.model, prompt.last_user, plan.messy)
+            text = answers.review_answer(
+                prompt.model,
+                prompt.last_user,
+                plan.messy,
+                config.preferred_models,
+                config.for_model(prompt.model).first_position_bias,
+            )
         else:
             text = answers.plain_answer(prompt.model, prompt.last_user)
         body = orjson.dumps(wire.answer(prompt, text, seq))

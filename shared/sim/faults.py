@@ -34,6 +34,7 @@ MODEL_OVERRIDABLE = (
     "error_kinds",
     "hang_s",
     "messy_ranking_rate",
+    "first_position_bias",
 )
 
 
@@ -55,6 +56,12 @@ class SimConfig:
     retry_after_s: float = 1
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     messy_ranking_rate: float = 0
+    # What reviews prefer, so analytics tests know the truth (0 and {} change nothing):
+    # ``preferred_models`` maps a model name to the probability that a review showing its answer
+    # ranks that answer first; ``first_position_bias`` is the probability that a review ranks the
+    # answer shown first (Response A) first, whatever it says (a position-biased reviewer).
+    preferred_models: dict[str, float] = field(default_factory=dict)
+    first_position_bias: float = 0
     seed: int | None = None
     log_limit: int = 200_000
     log_file: str | None = None
@@ -64,7 +71,7 @@ class SimConfig:
         # at face value and nonsense is refused before it reaches a request.
         for name in ("latency_ms", "latency_jitter_ms", "hang_s", "retry_after_s"):
             _set(self, name, _non_negative(name, getattr(self, name)))
-        for name in ("error_rate", "messy_ranking_rate"):
+        for name in ("error_rate", "messy_ranking_rate", "first_position_bias"):
             _set(self, name, _probability(name, getattr(self, name)))
         _set(self, "error_kinds", _error_kinds("error_kinds", self.error_kinds))
         if self.seed is not None:
@@ -77,6 +84,13 @@ class SimConfig:
         if not isinstance(self.models, dict):
             raise ValueError("models must be an object of model name -> overrides")
         _set(self, "models", {str(m): _model_overrides(str(m), o) for m, o in self.models.items()})
+        if not isinstance(self.preferred_models, dict):
+            raise ValueError("preferred_models must be an object of model name -> probability")
+        _set(
+            self,
+            "preferred_models",
+            {str(m): _probability(f"preferred_models[{m!r}]", p) for m, p in self.preferred_models.items()},
+        )
 
     def merged(self, patch: dict[str, Any]) -> SimConfig:
         """A new config with ``patch``'s top-level fields replaced (``models`` is replaced whole)."""
@@ -97,6 +111,7 @@ class SimConfig:
             error_kinds=override.get("error_kinds", self.error_kinds),
             hang_s=override.get("hang_s", self.hang_s),
             messy_ranking_rate=override.get("messy_ranking_rate", self.messy_ranking_rate),
+            first_position_bias=override.get("first_position_bias", self.first_position_bias),
         )
 
 
@@ -110,6 +125,7 @@ class ModelBehaviour:
     error_kinds: list[str]
     hang_s: float
     messy_ranking_rate: float
+    first_position_bias: float = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +197,7 @@ def _model_overrides(model: str, overrides: Any) -> dict[str, Any]:
     checked: dict[str, Any] = {}
     for key, value in overrides.items():
         label = f"models[{model!r}].{key}"
-        if key in ("error_rate", "messy_ranking_rate"):
+        if key in ("error_rate", "messy_ranking_rate", "first_position_bias"):
             checked[key] = _probability(label, value)
         elif key == "error_kinds":
             checked[key] = _error_kinds(label, value)
