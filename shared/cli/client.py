@@ -17,10 +17,11 @@ from rich.console import Console
 
 from shared.cli.follow import follow_with_progress
 from shared.cli.ratelimit import RateLimitTransport
+from shared.lifecycle.statuses import BATCH_TERMINAL
 from shared.settings import get_settings
 
 console = Console(stderr=True)
-TERMINAL = {"completed", "failed", "cancelled", "expired"}
+TERMINAL = BATCH_TERMINAL
 
 
 def api_client(url: str | None = None, key: str | None = None) -> httpx.Client:
