@@ -6,7 +6,7 @@ Records are rendered from the query rows alone, in batch order, a page at a time
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -94,29 +94,41 @@ _RESULT_COLUMNS = (
 )
 
 
-def iter_results(
-    sessions: sessionmaker[Session], batch_id: str, *, status: str | None = None, include_stages: bool = False
-) -> Iterator[dict[str, Any]]:
-    """Terminal queries in batch order, a page at a time (bounded memory, short transactions)."""
-    statuses = (status,) if status else QUERY_TERMINAL
+def iter_rows_in_order(
+    sessions: sessionmaker[Session],
+    batch_id: str,
+    columns: Sequence[Any],
+    statuses: Collection[str],
+    page: int = RESULT_PAGE,
+) -> Iterator[Any]:
+    """``columns`` of a batch's queries in ``statuses``, in batch order (``seq``), ``page`` rows per
+    short transaction: a keyset walk, so memory stays bounded however large the batch."""
     last_seq = -1
     while True:
         with sessions() as session:
             rows = session.execute(
-                select(*_RESULT_COLUMNS)
+                select(*columns)
                 .where(
                     col(Query.batch_id) == batch_id,
                     col(Query.status).in_(statuses),
                     col(Query.seq) > last_seq,
                 )
                 .order_by(col(Query.seq))
-                .limit(RESULT_PAGE)
+                .limit(page)
             ).all()
-        for row in rows:
-            yield result_record(row, include_stages)
-        if len(rows) < RESULT_PAGE:
+        yield from rows
+        if len(rows) < page:
             return
         last_seq = rows[-1].seq
+
+
+def iter_results(
+    sessions: sessionmaker[Session], batch_id: str, *, status: str | None = None, include_stages: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Terminal queries in batch order, a page at a time (bounded memory, short transactions)."""
+    statuses = (status,) if status else QUERY_TERMINAL
+    for row in iter_rows_in_order(sessions, batch_id, _RESULT_COLUMNS, statuses):
+        yield result_record(row, include_stages)
 
 
 def query_detail(session: Session, tenant_id: str, query_id: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from sqlalchemy import func, literal, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
+from shared.batches.results import iter_rows_in_order
 from shared.files import output
 from shared.files.store import iter_chunks, set_size
 from shared.lifecycle.statuses import BATCH_TERMINAL, QUERY_TERMINAL, QueryStatus
@@ -63,23 +64,7 @@ def iter_rows(
         col(Query.finished_at),
         model.label("model"),
     )
-    last_seq = -1
-    while True:
-        with sessions() as session:
-            rows = session.execute(
-                select(*columns)
-                .where(
-                    col(Query.batch_id) == batch_id,
-                    col(Query.status).in_(statuses),
-                    col(Query.seq) > last_seq,
-                )
-                .order_by(col(Query.seq))
-                .limit(PAGE)
-            ).all()
-        yield from rows
-        if len(rows) < PAGE:
-            return
-        last_seq = rows[-1].seq
+    yield from iter_rows_in_order(sessions, batch_id, columns, statuses, PAGE)
 
 
 def _lines(rows: Iterator[Any], render: Callable[[Any], dict[str, Any]]) -> Iterator[bytes]:
