@@ -19,10 +19,12 @@ from shared.providers.base import (
     ChatRequest,
     ChatResult,
     Provider,
+    error_detail,
+    error_text,
     retry_after_seconds,
-    status_error,
     system_and_turns,
     token_count,
+    typed_error,
 )
 
 API_VERSION = "2023-06-01"
@@ -89,13 +91,9 @@ class AnthropicProvider(Provider):
 
     def map_error(self, response: httpx.Response, body: Any) -> errors.ProviderError:
         status = response.status_code
-        detail = body.get("error") if isinstance(body, dict) else None
-        detail = detail if isinstance(detail, dict) else {}
+        detail = error_detail(body)
         kind = detail.get("type") if isinstance(detail.get("type"), str) else None
-        message = detail.get("message")
-        text = (
-            f"HTTP {status}" + (f" {kind}" if kind else "") + (f": {str(message)[:300]}" if message else "")
-        )
+        text = error_text(status, kind, detail.get("message"))
         hint = retry_after_seconds(response.headers)
         if hint is None and (status == 429 or kind == "rate_limit_error"):
             hint = ratelimit_reset_wait(response.headers, time.time())
@@ -103,11 +101,8 @@ class AnthropicProvider(Provider):
         if isinstance(details, dict) and details.get("error_code") == "enforced_spend_limit_reached":
             # A 429 "rate_limit_error" that lasts until next month's spend cap: retrying cannot help.
             return errors.AuthError(text, status=status)
-        cls = _ERROR_TYPES.get(kind) if kind else None
-        if cls is None:
-            # No Anthropic body: a Cloudflare page (413), a proxy, or an empty 5xx.
-            return status_error(status, text, hint)
-        return cls(text, retry_after=hint if cls.transient else None, status=status)
+        # No Anthropic error type (a Cloudflare page (413), a proxy, an empty 5xx): the status decides.
+        return typed_error(_ERROR_TYPES, kind, status, text, hint)
 
 
 def ratelimit_reset_wait(headers: httpx.Headers, now: float) -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +141,32 @@ def retry_after_seconds(headers: httpx.Headers) -> float | None:
         except ValueError:
             pass
     return parse_retry_after(headers.get("retry-after"))
+
+
+def error_detail(body: Any) -> dict[str, Any]:
+    """A JSON error body's ``error`` object, or ``{}`` when it has none (a proxy's page, an empty 5xx)."""
+    detail = body.get("error") if isinstance(body, dict) else None
+    return detail if isinstance(detail, dict) else {}
+
+
+def error_text(status: int, code: str | None, message: Any) -> str:
+    """What a mapped error says: ``HTTP 429 rate_limit_error: <the provider's message, cut at 300>``."""
+    return f"HTTP {status}" + (f" {code}" if code else "") + (f": {str(message)[:300]}" if message else "")
+
+
+def typed_error(
+    types: Mapping[str, type[errors.ProviderError]],
+    code: str | None,
+    status: int,
+    text: str,
+    retry_after: float | None,
+) -> errors.ProviderError:
+    """The category a body's error ``code`` names in ``types``, else the generic status mapping
+    (``status_error``); only a transient category keeps the wait hint."""
+    cls = types.get(code) if code else None
+    if cls is None:
+        return status_error(status, text, retry_after)
+    return cls(text, retry_after=retry_after if cls.transient else None, status=status)
 
 
 def status_error(status: int, message: str, retry_after: float | None) -> errors.ProviderError:

@@ -19,10 +19,12 @@ from shared.providers.base import (
     ChatRequest,
     ChatResult,
     Provider,
+    error_detail,
+    error_text,
     retry_after_seconds,
-    status_error,
     system_and_turns,
     token_count,
+    typed_error,
 )
 
 # google.rpc.Code names say more than the HTTP status (a bad key is a 400 INVALID_ARGUMENT).
@@ -100,25 +102,18 @@ class GeminiProvider(Provider):
 
     def map_error(self, response: httpx.Response, body: Any) -> errors.ProviderError:
         status = response.status_code
-        detail = body.get("error") if isinstance(body, dict) else None
-        detail = detail if isinstance(detail, dict) else {}
+        detail = error_detail(body)
         code = detail.get("status") if isinstance(detail.get("status"), str) else None
-        message = detail.get("message")
         details = detail.get("details")
         details = details if isinstance(details, list) else []
-        text = (
-            f"HTTP {status}" + (f" {code}" if code else "") + (f": {str(message)[:300]}" if message else "")
-        )
+        text = error_text(status, code, detail.get("message"))
         hint = retry_after_seconds(response.headers)
         if hint is None:
             hint = retry_info_delay(details)
         if any(str(reason).startswith("API_KEY_") for reason in _error_info_reasons(details)):
             # Google reports a bad, expired or blocked key as 400 INVALID_ARGUMENT or 403.
             return errors.AuthError(text, status=status)
-        cls = _ERROR_STATUSES.get(code) if code else None
-        if cls is None:
-            return status_error(status, text, hint)
-        return cls(text, retry_after=hint if cls.transient else None, status=status)
+        return typed_error(_ERROR_STATUSES, code, status, text, hint)
 
 
 def retry_info_delay(details: list[Any]) -> float | None:
