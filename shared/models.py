@@ -403,6 +403,8 @@ class BatchRollup(SQLModel, table=True):
     reviews_failed: int = 0
     # Kendall's W of each query whose reviews form a complete balanced design, summed.
     agreement_sum: float = 0.0
+    # What W would average if the reviewers ranked at random (it depends on the council's size).
+    agreement_chance_sum: float = 0.0
     agreement_queries: int = 0
     synthesis_chairman: int = 0
     synthesis_fallback_chairman: int = 0

@@ -14,7 +14,7 @@
   side by side in λ = t − 2 reviews); Kendall's W for such a design is
   ``12 S / (λ² t (t² − 1))`` with ``S`` the squared deviations of the rank sums from their mean.
   It is 1 when every reviewer orders the answers the same way; for a complete design it reduces
-  to the classic formula.
+  to the classic formula. Its chance level depends on the design and is returned with it.
 - Latency histograms: ``latency_bucket`` and ``percentile`` over buckets ``BUCKET_RATIO`` apart,
   so a percentile read from a rollup is within ±5% of the exact one.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -107,9 +108,19 @@ def proportion_interval(successes: int, trials: int, confidence: float = 0.95) -
     return float(ci.low), float(ci.high)
 
 
-def kendall_w(rankings: Sequence[Sequence[str]]) -> float | None:
+class Concordance(NamedTuple):
+    w: float
+    chance: float  # W's expectation when every reviewer ranks at random, for this design
+
+
+def kendall_w(rankings: Sequence[Sequence[str]]) -> Concordance | None:
     """Kendall's W of one query's valid rankings (each a list of models, best first), or None
-    when they do not form a balanced design of at least three answers ranked two or more at a time."""
+    when they do not form a balanced design of at least three answers ranked two or more at a time.
+
+    With reviewers ranking at random each rank sum has variance r (k² − 1) / 12, so W's
+    expectation is r (k² − 1) / (λ² (t² − 1)): 1/m for m complete rankings, but 0.75 for three
+    members each ranking the other two (W is then 0 or 1), which is why the chance level is
+    reported beside W."""
     if not rankings:
         return None
     block = len(rankings[0])
@@ -140,7 +151,8 @@ def kendall_w(rankings: Sequence[Sequence[str]]) -> float | None:
         return None
     mean = r * (block + 1) / 2
     s = sum((rank_sums[m] - mean) ** 2 for m in items)
-    return 12 * s / (lam**2 * t * (t * t - 1))
+    w = 12 * s / (lam**2 * t * (t * t - 1))
+    return Concordance(w, r * (block * block - 1) / (lam**2 * (t * t - 1)))
 
 
 def latency_bucket(latency_ms: float) -> int:

@@ -242,6 +242,7 @@ def batch_report(session: Session, tenant_id: str, batch_id: str, confidence: fl
         "invalid_review_rate": _rate(rollup.reviews_invalid, judged),
         "agreement": {
             "kendall_w": _rate(rollup.agreement_sum, rollup.agreement_queries),
+            "chance": _rate(rollup.agreement_chance_sum, rollup.agreement_queries),
             "queries": rollup.agreement_queries,
         },
         "position_bias": _position_bias(positions, confidence),

@@ -71,7 +71,7 @@ FIRST_SHOWN = "Response A"
 SYNTHESIS_SOURCES = ("chairman", "fallback_chairman", "top_ranked", "single")
 
 Key = tuple[Any, ...]
-_FLOAT_COLUMNS = frozenset({"cost_usd", "agreement_sum"})
+_FLOAT_COLUMNS = frozenset({"cost_usd", "agreement_sum", "agreement_chance_sum"})
 
 
 @dataclass
@@ -159,9 +159,15 @@ def add_query(inc: Increments, query: Any, calls: Iterable[Any]) -> None:
         )
     # Agreement needs every reviewer's ranking: one invalid review unbalances the design.
     if reviews and len(valid) == len(reviews):
-        w = kendall_w(valid)
-        if w is not None:
-            inc.add(BATCH_ROLLUP, (batch,), agreement_sum=w, agreement_queries=1)
+        concordance = kendall_w(valid)
+        if concordance is not None:
+            inc.add(
+                BATCH_ROLLUP,
+                (batch,),
+                agreement_sum=concordance.w,
+                agreement_chance_sum=concordance.chance,
+                agreement_queries=1,
+            )
     source = result.get("synthesis")
     if source in SYNTHESIS_SOURCES:
         inc.add(BATCH_ROLLUP, (batch,), **{f"synthesis_{source}": 1})

@@ -183,7 +183,7 @@ def test_position_bias_is_told_apart_from_chance(world: World) -> None:
     assert report["synthesis"]["chairman"] == 100
     assert {s["stage"] for s in report["stages"]} == {"answer", "review", "synthesis"}
     assert len(report["slowest_queries"]) == 10
-    assert report["agreement"]["queries"] == 100
+    assert report["agreement"]["queries"] == 100 and report["agreement"]["chance"] == 0.75
 
     fair = world.client.get(f"/v1/batches/{unbiased['id']}/report", params={"confidence": 0.999}).json()
     bias = fair["position_bias"]

@@ -61,11 +61,25 @@ def test_wilson_interval_matches_the_textbook_value() -> None:
 
 def test_kendall_w_is_one_for_unanimous_reviewers_and_low_for_contrary_ones() -> None:
     # Three answers, each reviewer ranks the two that are not its own.
-    assert kendall_w([["b", "c"], ["a", "c"], ["a", "b"]]) == pytest.approx(1.0)
-    assert kendall_w([["c", "b"], ["a", "c"], ["b", "a"]]) == pytest.approx(0.0)
+    assert kendall_w([["b", "c"], ["a", "c"], ["a", "b"]]) == (pytest.approx(1.0), pytest.approx(0.75))
+    assert kendall_w([["c", "b"], ["a", "c"], ["b", "a"]]) == (pytest.approx(0.0), pytest.approx(0.75))
     # Four answers ranked three at a time, all in the order a < b < c < d.
     unanimous = [["b", "c", "d"], ["a", "c", "d"], ["a", "b", "d"], ["a", "b", "c"]]
-    assert kendall_w(unanimous) == pytest.approx(1.0)
+    assert kendall_w(unanimous) == (pytest.approx(1.0), pytest.approx(3 * 8 / (4 * 15)))
+
+
+def test_kendall_w_chance_level_is_what_random_reviewers_average() -> None:
+    rng = random.Random(11)
+    items = ["a", "b", "c", "d"]
+    draws = []
+    chance = 0.0
+    for _ in range(20_000):
+        rankings = [rng.sample([m for m in items if m != own], 3) for own in items]
+        concordance = kendall_w(rankings)
+        assert concordance is not None
+        draws.append(concordance.w)
+        chance = concordance.chance
+    assert sum(draws) / len(draws) == pytest.approx(chance, abs=0.01)
 
 
 def test_kendall_w_refuses_an_unbalanced_design() -> None:

@@ -162,7 +162,7 @@ def test_a_fold_adds_each_query_once_and_waits_for_fresh_ones(own_sessions: Any)
     assert report["queries_folded"] == 2
     assert report["reviews"] == {"total": 5, "valid": 4, "invalid": 1, "failed": 0}
     assert report["invalid_review_rate"] == 0.2
-    assert report["agreement"] == {"kendall_w": 1.0, "queries": 1}
+    assert report["agreement"] == {"kendall_w": 1.0, "chance": 0.75, "queries": 1}
     assert report["synthesis"] == {"chairman": 1, "fallback_chairman": 0, "top_ranked": 1, "single": 0}
     bias = report["position_bias"]
     # Reviews shown 2 answers: 3, of which 1 ranked the first shown first; shown 1: 1 of 1.

@@ -83,6 +83,7 @@ def upgrade() -> None:
         sa.Column("tenant_id", _str(40), nullable=False),
         *_counts("queries", "reviews", "reviews_valid", "reviews_invalid", "reviews_failed"),
         sa.Column("agreement_sum", sa.Float(), nullable=False),
+        sa.Column("agreement_chance_sum", sa.Float(), nullable=False),
         *_counts(
             "agreement_queries",
             "synthesis_chairman",
