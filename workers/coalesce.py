@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Generic, TypeVar
@@ -25,20 +26,55 @@ log = logging.getLogger("conclave.worker")
 
 T = TypeVar("T")
 R = TypeVar("R")
+W = TypeVar("W")
 
 
-class Coalescer(Generic[T, R]):
+class FlushThread(ABC, Generic[W]):
+    """One daemon thread that writes whatever queued up while it was busy. Producers append under
+    ``self._ready`` and notify it; the thread waits for work (``_queued``), takes it under the
+    lock (``_take``), handles it outside (``_handle``), and ends once closed with nothing left."""
+
+    def __init__(self, thread_name: str) -> None:
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    @abstractmethod
+    def _queued(self) -> bool: ...
+
+    @abstractmethod
+    def _take(self) -> W: ...
+
+    @abstractmethod
+    def _handle(self, work: W) -> None: ...
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queued() and not self._closed:
+                    self._ready.wait()
+                if not self._queued():
+                    return
+                work = self._take()
+            self._handle(work)
+
+
+class Coalescer(FlushThread[list[tuple[T, Future[R]]]], Generic[T, R]):
     """``submit(item)`` blocks until ``flush`` has handled a group containing ``item`` and returns
     its result for that item; an exception from ``flush`` is raised in every waiting thread."""
 
     def __init__(self, name: str, flush: Callable[[Sequence[T]], Sequence[R]], max_group: int = 512):
+        super().__init__(f"conclave-{name}")
         self.name = name
         self._flush = flush
         self._max_group = max_group
         self._pending: list[tuple[T, Future[R]]] = []
-        self._ready = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"conclave-{name}", daemon=True)
         self._thread.start()
         self.groups = 0  # how many flushes ran (for tests and the benchmark's curiosity)
         self.items = 0
@@ -52,21 +88,12 @@ class Coalescer(Generic[T, R]):
             self._ready.notify()
         return future.result()
 
-    def close(self) -> None:
-        with self._ready:
-            self._closed = True
-            self._ready.notify()
-        self._thread.join(timeout=10)
+    def _queued(self) -> bool:
+        return bool(self._pending)
 
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._pending and not self._closed:
-                    self._ready.wait()
-                if not self._pending:
-                    return
-                group, self._pending = self._pending[: self._max_group], self._pending[self._max_group :]
-            self._handle(group)
+    def _take(self) -> list[tuple[T, Future[R]]]:
+        group, self._pending = self._pending[: self._max_group], self._pending[self._max_group :]
+        return group
 
     def _handle(self, group: list[tuple[T, Future[R]]]) -> None:
         self.groups += 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Sequence
 
@@ -26,21 +25,23 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import write_transaction
 from shared.ledger import CallRecord, StartedCall, finish_calls, start_calls
+from workers.coalesce import FlushThread
 
 log = logging.getLogger("conclave.worker")
 
 WRITE_ATTEMPTS = 4
 RETRY_BACKOFF_S = 0.2
 
+_Start = tuple[StartedCall, asyncio.AbstractEventLoop, asyncio.Future[None]]
+_Work = tuple[list[_Start], list[CallRecord]]  # a flush: in-flight rows to write, completions
 
-class CallJournal:
+
+class CallJournal(FlushThread[_Work]):
     def __init__(self, sessions: sessionmaker[Session]):
+        super().__init__("conclave-journal")
         self._sessions = sessions
-        self._starts: list[tuple[StartedCall, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._starts: list[_Start] = []
         self._finished: list[CallRecord] = []
-        self._ready = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="conclave-journal", daemon=True)
         self._thread.start()
         self.groups = 0  # flushes run (for tests)
 
@@ -75,29 +76,24 @@ class CallJournal:
                 self._finished[:0] = calls
                 self._ready.notify()
 
-    def close(self) -> None:
-        with self._ready:
-            self._closed = True
-            self._ready.notify()
-        self._thread.join(timeout=10)
+    def _queued(self) -> bool:
+        return bool(self._starts or self._finished)
 
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._starts and not self._finished and not self._closed:
-                    self._ready.wait()
-                if not self._starts and not self._finished:
-                    return
-                starts, self._starts = self._starts, []
-                finished, self._finished = self._finished, []
-            self.groups += 1
-            error = self._write([s for s, _, _ in starts], finished)
-            if error is not None:
-                self.restore(finished)
-            for _, loop, future in starts:
-                loop.call_soon_threadsafe(_settle, future, error)
-            if error is not None and finished:
-                time.sleep(RETRY_BACKOFF_S)  # the database is in trouble: do not spin on it
+    def _take(self) -> _Work:
+        starts, self._starts = self._starts, []
+        finished, self._finished = self._finished, []
+        return starts, finished
+
+    def _handle(self, work: _Work) -> None:
+        starts, finished = work
+        self.groups += 1
+        error = self._write([s for s, _, _ in starts], finished)
+        if error is not None:
+            self.restore(finished)
+        for _, loop, future in starts:
+            loop.call_soon_threadsafe(_settle, future, error)
+        if error is not None and finished:
+            time.sleep(RETRY_BACKOFF_S)  # the database is in trouble: do not spin on it
 
     def _write(self, starts: list[StartedCall], finished: list[CallRecord]) -> BaseException | None:
         for attempt in range(1, WRITE_ATTEMPTS + 1):
