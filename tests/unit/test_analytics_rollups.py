@@ -3,6 +3,7 @@ known councils add to the leaderboard and the batch report, folded once however 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -203,3 +204,58 @@ def test_feedback_is_one_rating_per_key_credited_to_the_answering_model(own_sess
         s.get(Query, "q_2").status = "failed"
     with own_sessions.begin() as s, pytest.raises(Conflict):
         record_feedback(s, "ten_1", "key_1", "q_2", 3, None, T0)
+
+
+def test_folds_running_at_once_add_each_query_once(own_sessions: Any) -> None:
+    # Two schedulers in a leadership handover: the cursor row is locked by the page being folded.
+    seed(own_sessions)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        folded = list(pool.map(lambda _: fold_finished(own_sessions, now=T0 + 10_000, page=1), range(2)))
+    assert sum(folded) == 2
+    with own_sessions() as s:
+        assert batch_report(s, "ten_1", "batch_1")["queries_folded"] == 2
+        assert {r["model"]: r["answers"] for r in leaderboard(s, "ten_1", T0, T0 + 86400)}["a"] == 2
+
+
+def test_the_operator_view_sums_every_tenant_and_a_range_counts_whole_days(own_sessions: Any) -> None:
+    seed(own_sessions)
+    with own_sessions.begin() as s:
+        s.add(Tenant(id="ten_2", name="two", webhook_secret="x", created_at=T0))
+        s.flush()
+        s.add(
+            Batch(
+                id="batch_2",
+                tenant_id="ten_2",
+                status="completed",
+                priority="normal",
+                completion_window="24h",
+                total=1,
+                created_at=T0,
+                expires_at=T0 + 86400,
+            )
+        )
+        s.flush()
+        # Finished the next UTC day.
+        s.add(
+            Query(
+                id="q_9",
+                batch_id="batch_2",
+                tenant_id="ten_2",
+                seq=1,
+                custom_id="c9",
+                status="succeeded",
+                priority="normal",
+                request={},
+                result=RESULT_1,
+                finished_at=T0 + 86400 + 50,
+                latency_ms=10,
+            )
+        )
+    fold_finished(own_sessions, now=T0 + 3 * 86400)
+    with own_sessions() as s:
+        everyone = {r["model"]: r["answers"] for r in leaderboard(s, None, T0, T0 + 2 * 86400)}
+        first_day = {r["model"]: r["answers"] for r in leaderboard(s, None, T0 + 3600, T0 + 7200)}
+        second_tenant = {r["model"]: r["answers"] for r in leaderboard(s, "ten_2", T0, T0 + 2 * 86400)}
+    assert everyone == {"a": 3, "b": 3, "c": 2, "chair": 0}
+    assert first_day == {"a": 2, "b": 2, "c": 1, "chair": 0}
+    assert second_tenant == {"a": 1, "b": 1, "c": 1}
