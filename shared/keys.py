@@ -22,6 +22,9 @@ reads its layout; everyone else calls that module (admin views included).
 | ``{ns}:dashboard-session:{sha256}`` | string | ``shared/dashboard_sessions.py`` |
 | ``{ns}:cache:{tenant}:{g}.{m}:{sha256}`` (+ ``:lock``) | string | ``shared/cache.py`` (exact cache) |
 | ``{ns}:cache-gen:{tenant}`` | hash | ``shared/cache.py`` (invalidation generations) |
+| ``{ns}:spend:{tenant}:{month}`` (+ ``:holds``, ``:estimates``) | hash, zset, hash | ``shared/budget.py`` |
+| ``{ns}:budget-waiting:{tenant}`` | set | ``shared/budget.py`` (batches waiting for budget) |
+| ``{ns}:budget-changed`` | pub/sub channel | ``shared/budget.py`` (a tenant's budget changed) |
 """
 
 from __future__ import annotations
@@ -121,3 +124,25 @@ def cache_lock(entry_key: str) -> str:
 def cache_generations(ns: str, tenant_id: str) -> str:
     """Hash of invalidation generations: field ``*`` for the whole tenant, one per model."""
     return f"{ns}:cache-gen:{tenant_id}"
+
+
+def spend(ns: str, tenant_id: str, month_start: int) -> str:
+    """A tenant's spend counter for one month: spent, reserved, the EWMA of a query's cost."""
+    return f"{ns}:spend:{tenant_id}:{month_start}"
+
+
+def spend_holds(ns: str, tenant_id: str, month_start: int) -> str:
+    """Reservations by query, scored by the end of the query's lease."""
+    return f"{spend(ns, tenant_id, month_start)}:holds"
+
+
+def spend_estimates(ns: str, tenant_id: str, month_start: int) -> str:
+    return f"{spend(ns, tenant_id, month_start)}:estimates"
+
+
+def budget_waiting(ns: str, tenant_id: str) -> str:
+    return f"{ns}:budget-waiting:{tenant_id}"
+
+
+def budget_changed(ns: str) -> str:
+    return f"{ns}:budget-changed"

@@ -81,6 +81,8 @@ class Batch(SQLModel, table=True):
     request_hash: str | None = Field(default=None, max_length=64)
     # The creating request's trace context (W3C carrier): every query's trace links to it.
     trace: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
+    # Why queued queries are not starting, e.g. {"reason": "budget", ...} (shared/budget.py).
+    waiting: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
     created_at: int
     in_progress_at: int | None = None

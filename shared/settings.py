@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     # identical call in flight holds the others back (its lock's TTL: past it, they call too).
     cache_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
     cache_lock_ttl_s: float = Field(default=30.0, gt=0)
+    # A query whose tenant's budget cannot take it goes back to the queue for 2 s, doubling with
+    # each wait up to this long (shared/budget.py): how soon a raised budget or a new month resumes it.
+    budget_recheck_max_s: int = Field(default=60, ge=1)
 
     environment: Literal["development", "production", "test"] = "development"
     log_level: str = "INFO"

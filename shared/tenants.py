@@ -24,6 +24,7 @@ from shared.errors import NotFound, Unauthorized
 from shared.ids import new_id
 from shared.models import ApiKey, Tenant
 from shared.settings import Settings, TierLimits, get_settings
+from shared.usage import effective_budget
 
 ROLES = ("admin", "user", "viewer")
 # The default tier names only; what a deployment accepts is tier_names(settings). Kept while
@@ -74,9 +75,7 @@ class Principal:
 
     def budget(self, settings: Settings) -> float | None:
         """The monthly budget that applies (as ``shared.usage.budget_for``), without a query."""
-        if self.monthly_budget_usd is not None:
-            return self.monthly_budget_usd
-        return settings.tier_monthly_budget_usd.get(self.tier)
+        return effective_budget(self.monthly_budget_usd, self.tier, settings)
 
     def limits(self, settings: Settings) -> TierLimits:
         """The tier's limits with this tenant's overrides applied."""

@@ -128,7 +128,17 @@ def month_to_date_cost(session: Session, tenant_id: str, now: int) -> float:
     return float(cost or 0.0)
 
 
+# A tenant's own ``monthly_budget_usd`` of this value: no budget at all, whatever its tier's
+# (``PATCH /v1/admin/tenants/{id} {"budget_usd_monthly": null}``); None: its tier's budget.
+UNLIMITED_BUDGET = -1.0
+
+
+def effective_budget(own: float | None, tier: str, settings: Settings) -> float | None:
+    """The monthly budget that applies (None = unlimited): the tenant's own, else its tier's."""
+    if own is not None:
+        return None if own < 0 else own
+    return settings.tier_monthly_budget_usd.get(tier)
+
+
 def budget_for(tenant: Tenant, settings: Settings) -> float | None:
-    if tenant.monthly_budget_usd is not None:
-        return tenant.monthly_budget_usd
-    return settings.tier_monthly_budget_usd.get(tenant.tier)
+    return effective_budget(tenant.monthly_budget_usd, tenant.tier, settings)

@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.batches.read import batch_config
+from shared.budget import Budgets
 from shared.cache import ExactCache
 from shared.db import make_engine, make_sessionmaker, write_transaction
 from shared.lifecycle.transitions import (
@@ -68,6 +69,7 @@ class WorkerContext:
     write_backoff_s: float = WRITE_BACKOFF_S
     batch_cache_size: int = 1024
     progress: ProgressBuffer | None = None  # per-stage marks for the batch event streams
+    budgets: Budgets | None = None  # admission by reservation (SPEC §17); None: no budgets checked
     _batches: OrderedDict[str, BatchConfig] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -81,6 +83,8 @@ class WorkerContext:
         self.journal.close()
         if self.progress is not None:
             self.progress.stop()
+        if self.budgets is not None:
+            self.budgets.close()
 
     def _claim(self, query_ids: Sequence[str]) -> list[ClaimedQuery | None]:
         now = int(time.time())
@@ -199,4 +203,7 @@ def build_context(
         worker_id=worker_id,
         progress=progress
         or ProgressBuffer(redis.Redis.from_url(settings.redis_url), settings.queue_namespace).start(),
+        budgets=Budgets(
+            redis.Redis.from_url(settings.redis_url), settings.queue_namespace, sessions, settings
+        ),
     )

@@ -4,6 +4,9 @@
   done, cancelled or held elsewhere ends here. A database error sends the message again later.
 - **prepare**: the batch's council and knowledge, grounding snippets, routing for ``mode: auto``,
   the batch's cache mode (SPEC §14; the runner asks the exact cache when it is ``exact``).
+- **admit** (SPEC §17): a query of a tenant with a budget reserves its estimated cost, or, when it
+  does not fit what is left, goes back to the queue with a delay and its batch says it waits
+  (``shared/budget.py``); the reservation is settled to the actual cost once the query ends.
 - **run**: the council on the process's event loop (the AsyncIO middleware owns it), through
   one pooled HTTP client; every provider attempt is recorded.
 - **settle**: the outcome and its calls in one coalesced write; a query that failed behind an
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
+from shared.budget import Admission, clear_waiting, mark_waiting
 from shared.knowledge.grounding import ground
 from shared.ledger import CallRecord
 from shared.lifecycle.statuses import CallStatus, QueryStatus
@@ -47,7 +52,7 @@ from shared.tracing import query_parent, request_links, tracer
 from workers.context import WorkerContext
 from workers.council import CouncilSpec, KnowledgeSnippet
 from workers.routing import route
-from workers.runner import CircuitWait, circuit_wait
+from workers.runner import CircuitWait, circuit_wait, estimate_input_tokens
 from workers.spans import record_call_spans
 
 log = logging.getLogger("conclave.worker")
@@ -61,6 +66,11 @@ EXHAUSTED_ERROR = {
     "type": "attempts_exhausted",
     "message": "the query's runs were cut off too often (CONCLAVE_QUERY_MAX_RUNS)",
 }
+# A query waiting for budget is tried again after 2 s, doubling per wait up to
+# CONCLAVE_BUDGET_RECHECK_MAX_S, ±25%.
+BUDGET_WAIT_BASE_S = 2
+# Tokens out per call assumed by a tenant's first estimate (then its queries' running average).
+OUTPUT_GUESS = 300
 T = TypeVar("T")
 
 
@@ -131,8 +141,12 @@ def process_query(ctx: WorkerContext, query_id: str) -> None:
         with query_context(query_id, claimed.batch_id):
             span.set_attribute("conclave.batch_id", claimed.batch_id)
             prepared = prepare(ctx, claimed)
+            admission = admit(ctx, claimed, prepared, message)
+            if not admission.admitted:
+                return  # back in the queue until its tenant's budget can take it
             ran = run(ctx, claimed, prepared)
             settle(ctx, claimed, prepared, ran, message, span)
+            settle_budget(ctx, claimed, admission, ran)
 
 
 def claim(ctx: WorkerContext, query_id: str, message: Message[Any] | None) -> ClaimedQuery | None:
@@ -174,6 +188,91 @@ def prepare(ctx: WorkerContext, claimed: ClaimedQuery) -> Prepared:
     spec = ctx.runner.council_spec({**council, "members": members}, mode)
     grounding = tuple(KnowledgeSnippet(s["id"], s["title"], s["content"]) for s in snippets)
     return Prepared(spec, grounding, routing, expires_at, cache)
+
+
+def admit(
+    ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared, message: Message[Any] | None
+) -> Admission:
+    """Reserve the query's estimated cost against its tenant's budget (SPEC §17), or hand it back
+    to the queue to wait. A tenant without a budget costs one dictionary lookup here."""
+    budgets = ctx.budgets
+    if budgets is None:
+        return Admission(admitted=True)
+    now = time.time()
+    try:
+        admission = budgets.admit(
+            claimed.tenant_id,
+            claimed.batch_id,
+            claimed.id,
+            first_estimate(ctx, claimed, prepared),
+            int(now) + ctx.settings.query_lease_seconds,
+            now,
+        )
+    except redis.RedisError as exc:
+        # No counter to check against: the query runs (the ledger still records every call).
+        log.warning("budget check failed (%s); query %s runs unchecked", type(exc).__name__, claimed.id)
+        return Admission(admitted=True)
+    if admission.resumed_batches:
+        clear_waiting(ctx.sessions, admission.resumed_batches)
+    if admission.admitted:
+        return admission
+    assert admission.budget is not None
+    delay = min(BUDGET_WAIT_BASE_S * 2 ** min(claimed.circuit_waits, 10), ctx.settings.budget_recheck_max_s)
+    delay = max(1, round(delay * random.uniform(0.75, 1.25)))
+    finished = int(now)
+    written = ctx.outcomes.submit(
+        Outcome(claimed, QueryStatus.QUEUED, None, None, None, (), 0, finished, requeue_at=finished + delay)
+    )
+    if admission.newly_waiting:
+        waiting = {
+            "reason": "budget",
+            "message": "the monthly budget cannot take another query: raise it or wait for the next month",
+            "budget_usd": admission.budget,
+            "spent_usd": round(admission.spent, 8),
+            "reserved_usd": round(admission.reserved, 8),
+            "query_estimate_usd": round(admission.estimate, 8),
+            "since": finished,
+        }
+        mark_waiting(ctx.sessions, claimed.batch_id, waiting)
+        log.warning("batch %s waits for its tenant's budget", claimed.batch_id)
+    budgets.notify(
+        claimed.tenant_id, admission.budget, admission.spent + admission.reserved, finished, reached=True
+    )
+    if written and message is not None:
+        # If this send is lost, reconciliation finds the query queued and sends it again.
+        with contextlib.suppress(redis.RedisError):
+            ctx.broker.enqueue(message.copy(), delay=delay * 1000)
+    return admission
+
+
+def first_estimate(ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared) -> float:
+    """A query's cost before its tenant has a running average: every call of the council at the
+    query's input size (reviews and the synthesis also read the answers) and ``OUTPUT_GUESS``
+    tokens out."""
+    spec = prepared.spec
+    question = estimate_input_tokens(claimed.request.get("messages") or ())
+    if spec.mode == "single":
+        return ctx.catalog.model(spec.members[0]).cost(question, OUTPUT_GUESS)
+    n = len(spec.members)
+    answers = n * OUTPUT_GUESS
+    cost = sum(ctx.catalog.model(m).cost(question, OUTPUT_GUESS) for m in spec.members)
+    cost += sum(ctx.catalog.model(m).cost(question + answers, OUTPUT_GUESS) for m in spec.members)
+    return cost + ctx.catalog.model(spec.chairman).cost(question + 2 * answers, OUTPUT_GUESS)
+
+
+def settle_budget(ctx: WorkerContext, claimed: ClaimedQuery, admission: Admission, ran: Ran) -> None:
+    """The reservation becomes the actual cost of the query's calls; crossing 80% or 100% of the
+    budget sends its event (once per month)."""
+    if ctx.budgets is None or admission.budget is None:
+        return
+    actual = sum(c.cost_usd for c in ran.calls)
+    try:
+        spent = ctx.budgets.settle(claimed.tenant_id, claimed.id, admission, actual)
+    except redis.RedisError as exc:  # the reservation lapses with the query's lease
+        log.warning("settling the budget of query %s failed (%s)", claimed.id, type(exc).__name__)
+        return
+    if spent is not None and spent[1] >= 0.8 * admission.budget:
+        ctx.budgets.notify(claimed.tenant_id, admission.budget, spent[1], int(time.time()))
 
 
 def run(ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared) -> Ran:

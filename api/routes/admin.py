@@ -1,19 +1,28 @@
-"""``/v1/admin/*`` (admins of the operator tenant): queues and workers, provider health."""
+"""``/v1/admin/*`` (admins of the operator tenant): queues and workers, provider health, a
+tenant's tier, limits and budget."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.deps import OperatorDep, SessionDep, StateDep
 from api.responses import ERROR_RESPONSES, JSONBytes, list_page
+from shared.budget import budget_changed
+from shared.errors import InvalidField, NotFound
 from shared.ledger import LATENCY_WINDOW_S, recent_latencies
 from shared.liveness import alive_workers
 from shared.metrics import recent_counts
+from shared.models import Tenant
 from shared.providers.breaker import read_circuit
 from shared.providers.ratelimit import headroom
 from shared.queue.inspect import queue_stats
+from shared.settings import TierLimits
+from shared.tenants import check_tier
+from shared.usage import UNLIMITED_BUDGET, budget_for
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -83,3 +92,67 @@ def _quantile(ordered: list[int], q: float) -> int | None:
     if not ordered:
         return None
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class TenantPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tier: str | None = Field(default=None, min_length=1, max_length=32)
+    limits: dict[str, Any] | None = None  # overrides of the tier's limits; null: none
+    budget_usd_monthly: float | None = Field(default=None, ge=0)  # null: unlimited
+
+
+@router.patch("/tenants/{tenant_id}", responses=ERROR_RESPONSES)
+def patch_tenant(tenant_id: str, body: TenantPatch, state: StateDep, principal: OperatorDep) -> JSONBytes:
+    """Set a tenant's tier, limit overrides or monthly budget (SPEC §17). A changed budget takes
+    effect for queries already queued: those waiting for budget start within seconds."""
+    given = body.model_fields_set
+    settings = state.settings
+    with state.sessions.begin() as session:
+        tenant = session.get(Tenant, tenant_id)
+        if tenant is None:
+            raise NotFound(f"no tenant {tenant_id!r}", param="tenant_id")
+        before = budget_for(tenant, settings)
+        if "tier" in given:
+            problem = check_tier(settings, body.tier or "")
+            if problem:
+                raise InvalidField(problem, param="tier")
+            tenant.tier = body.tier or tenant.tier
+        if "limits" in given:
+            base = settings.tiers.get(tenant.tier) or settings.tiers["free"]
+            try:
+                TierLimits.model_validate({**base.model_dump(), **(body.limits or {})})
+            except ValidationError as exc:
+                raise InvalidField(f"limits: {exc.errors()[0]['msg']}", param="limits") from exc
+            unknown = sorted(set(body.limits or {}) - set(TierLimits.model_fields))
+            if unknown:
+                raise InvalidField(f"unknown limit {unknown[0]!r}", param=f"limits.{unknown[0]}")
+            tenant.limits = body.limits or None
+        if "budget_usd_monthly" in given:
+            tenant.monthly_budget_usd = (
+                UNLIMITED_BUDGET if body.budget_usd_monthly is None else body.budget_usd_monthly
+            )
+        after = budget_for(tenant, settings)
+        shown = _tenant_object(tenant, after)
+    if after != before:
+        budget_changed(
+            state.broker.client,
+            state.broker.namespace,
+            state.sessions,
+            tenant_id,
+            rebuild=before is None or after is None,
+        )
+    return JSONBytes(shown)
+
+
+def _tenant_object(tenant: Tenant, budget: float | None) -> dict[str, Any]:
+    return {
+        "id": tenant.id,
+        "object": "tenant",
+        "name": tenant.name,
+        "tier": tenant.tier,
+        "is_operator": tenant.is_operator,
+        "limits": tenant.limits,
+        "budget_usd_monthly": budget,
+        "created_at": tenant.created_at,
+    }

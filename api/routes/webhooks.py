@@ -16,7 +16,13 @@ router = APIRouter(tags=["webhooks"])
 
 
 EventType = Literal[
-    "batch.completed", "batch.cancelled", "batch.expired", "cost.budget_exceeded", "cost.daily_summary", "*"
+    "batch.completed",
+    "batch.cancelled",
+    "batch.expired",
+    "cost.budget_warning",
+    "cost.budget_exceeded",
+    "cost.daily_summary",
+    "*",
 ]
 
 

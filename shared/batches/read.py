@@ -141,6 +141,8 @@ def batch_object(batch: Batch, counts: Counts, now: int | None = None) -> dict[s
         "cost_usd": round(counts.cost_usd, 8),
         "cache_hits": counts.cache_hits,
         "cost_saved_usd": round(counts.cost_saved_usd, 8),
+        # Why its queued queries are not starting (SPEC §17), e.g. {"reason": "budget", ...}.
+        "waiting": batch.waiting if batch.status not in BATCH_TERMINAL else None,
         "eta_seconds": eta_seconds(batch, counts, now or int(time.time())),
         "created_at": batch.created_at,
         "in_progress_at": batch.in_progress_at,

@@ -26,6 +26,7 @@ EVENT_TYPES = (
     "batch.completed",
     "batch.cancelled",
     "batch.expired",
+    "cost.budget_warning",
     "cost.budget_exceeded",
     "cost.daily_summary",
 )

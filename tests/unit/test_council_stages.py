@@ -155,9 +155,14 @@ def test_label_order_is_shuffled_per_reviewer_and_reproducible() -> None:
     # Where a model sits among the labels varies between reviewers, so position bias is spread.
     assert len({order.index("m5") for reviewer, order in first.items() if reviewer != "m5"}) > 1
 
-    other_query = QueryInput("q-2", ({"role": "user", "content": "Why is the sky blue?"},))
-    result = asyncio.run(run_council(council(members), other_query, FakeComplete()))
+    other_question = QueryInput("q-2", ({"role": "user", "content": "Why is the sea salty?"},))
+    result = asyncio.run(run_council(council(members), other_question, FakeComplete()))
     assert {r.reviewer: list(r.labels.values()) for r in result.reviews} != first
+    # The same question in another query (another batch) is shown in the same order: its review
+    # prompts are the same, so the exact cache can answer them (SPEC §14).
+    same_question = QueryInput("q-3", ({"role": "user", "content": "Why is the sky blue?"},), 300, 0.7)
+    result = asyncio.run(run_council(council(members), same_question, FakeComplete()))
+    assert {r.reviewer: list(r.labels.values()) for r in result.reviews} == first
 
 
 def test_a_failed_member_is_recorded_and_the_council_goes_on() -> None:

@@ -309,9 +309,10 @@ async def _review(
     """The author of one answer ranks the others (``answered`` holds one answer per model)."""
     asked = author.model
     others = [m for m in answered if m.model != asked]
-    # A different order per reviewer spreads position bias; seeding by (query, reviewer) keeps a
-    # rerun of the same query byte-for-byte reproducible.
-    random.Random(f"{query.query_id}:{asked}").shuffle(others)
+    # A different order per reviewer spreads position bias; seeding by (question, reviewer) keeps
+    # a rerun of the same query byte-for-byte reproducible, and gives the same question the same
+    # review prompts in any batch, so the exact cache (SPEC §14) can answer its reviews too.
+    random.Random(f"{prompts.question_text(query.messages)}:{asked}").shuffle(others)
     labels = {prompts.response_label(i): m.model for i, m in enumerate(others)}
     answers = [(label, m.answer or "") for label, m in zip(labels, others, strict=True)]
     messages = prompts.review_messages(prompts.question_text(query.messages), answers)

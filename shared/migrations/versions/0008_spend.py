@@ -1,4 +1,5 @@
-"""spend: cache hits in the ledger (``cached`` rows with what they saved) and in batch totals
+"""spend: cache hits in the ledger (``cached`` rows with what they saved) and in batch totals;
+why a batch's queued queries wait (``batches.waiting``, e.g. for budget)
 
 Revision ID: 0008
 Revises: 0006
@@ -22,9 +23,13 @@ def upgrade() -> None:
     with op.batch_alter_table("batch_usage") as batch:
         batch.add_column(sa.Column("cache_hits", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("saved_usd", sa.Float(), nullable=False, server_default="0"))
+    with op.batch_alter_table("batches") as batch:
+        batch.add_column(sa.Column("waiting", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("batches") as batch:
+        batch.drop_column("waiting")
     with op.batch_alter_table("batch_usage") as batch:
         batch.drop_column("saved_usd")
         batch.drop_column("cache_hits")
