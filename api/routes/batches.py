@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Literal
 
 import orjson
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 from opentelemetry.trace import SpanKind
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import PrincipalDep, SessionDep, StateDep, WriterDep
+from api.deps import AppState, PrincipalDep, SessionDep, StateDep, WriterDep
 from api.responses import ERROR_RESPONSES, JSONBytes, list_page
 from api.schemas import BatchList, BatchObject
 from shared.batches import read, service
 from shared.batches.csv_results import csv_lines
+from shared.batches.read import Counts
 from shared.batches.results import iter_results
 from shared.files import intake
 from shared.lifecycle.statuses import BatchStatus, QueryStatus
+from shared.models import Batch
 from shared.schemas import BatchCreate
+from shared.tenants import Principal
 from shared.tracing import carrier, tracer
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -28,6 +32,30 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 TerminalStatus = Literal[
     QueryStatus.SUCCEEDED, QueryStatus.FAILED, QueryStatus.CANCELLED, QueryStatus.EXPIRED
 ]
+
+
+async def submit(
+    create: Callable[..., tuple[Batch, Counts, bool]],
+    payload: BaseModel,
+    state: AppState,
+    principal: Principal,
+    idempotency_key: str | None,
+) -> tuple[Batch, Counts, bool]:
+    """Run a batch service's create (inline, file or Anthropic batch) off the event loop, as the
+    principal: its tenant, tier limits and budget, and the request's trace."""
+    return await run_in_threadpool(
+        create,
+        state.sessions,
+        state.broker,
+        state.catalog,
+        state.settings,
+        tenant_id=principal.tenant_id,
+        payload=payload,
+        idempotency_key=idempotency_key,
+        limits=principal.limits(state.settings),
+        budget=principal.budget(state.settings),
+        trace=carrier(),
+    )
 
 
 @router.post("", status_code=202, response_model=BatchObject, responses=ERROR_RESPONSES)
@@ -42,19 +70,7 @@ async def create_batch(
         span.set_attribute("conclave.queries", len(payload.queries))
         # OpenAI's file batch (input_file_id + endpoint) or an inline one (queries): one service.
         create = intake.create_file_batch if payload.input_file_id is not None else service.create_batch
-        batch, counts, _ = await run_in_threadpool(
-            create,
-            state.sessions,
-            state.broker,
-            state.catalog,
-            state.settings,
-            tenant_id=principal.tenant_id,
-            payload=payload,
-            idempotency_key=idempotency_key,
-            limits=principal.limits(state.settings),
-            budget=principal.budget(state.settings),
-            trace=carrier(),
-        )
+        batch, counts, _ = await submit(create, payload, state, principal, idempotency_key)
         span.set_attribute("conclave.batch_id", batch.id)
     return JSONBytes(read.batch_object(batch, counts), status_code=202)
 

@@ -11,16 +11,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, StateDep, WriterDep
 from api.responses import ERROR_RESPONSES, JSONBytes, list_page
+from api.routes.batches import submit
 from shared.batches import read, service
 from shared.batches.read import Counts
 from shared.files import anthropic, intake, views
 from shared.models import Batch
 from shared.schemas import MessageBatchCreate
-from shared.tracing import carrier
 
 router = APIRouter(prefix="/v1/messages/batches", tags=["message batches"])
 
@@ -38,19 +37,7 @@ async def create_message_batch(
     principal: WriterDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JSONBytes:
-    batch, counts, _ = await run_in_threadpool(
-        intake.create_message_batch,
-        state.sessions,
-        state.broker,
-        state.catalog,
-        state.settings,
-        tenant_id=principal.tenant_id,
-        payload=payload,
-        idempotency_key=idempotency_key,
-        limits=principal.limits(state.settings),
-        budget=principal.budget(state.settings),
-        trace=carrier(),
-    )
+    batch, counts, _ = await submit(intake.create_message_batch, payload, state, principal, idempotency_key)
     return JSONBytes(_view(request, batch, counts))
 
 
