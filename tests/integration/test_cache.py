@@ -23,8 +23,10 @@ from shared.models import ProviderCall
 from shared.settings import Settings
 from shared.sim import SimServer
 from shared.stack import Stack
+from shared.tenants import issue_key
 from tests.conftest import new_key, settings_env
 from tests.helpers import jsonl, sim_log, wait_for_batch
+from tests.leaks import remember_secret
 
 pytestmark = pytest.mark.integration
 
@@ -231,3 +233,23 @@ def test_another_tenant_submitting_the_same_batch_makes_every_call_itself(
     assert not [r for r in ledger(sessions, second["id"]) if r.status == CallStatus.CACHED]
     assert all(m["cached"] is None for r in records for m in r["members"])
     assert first["id"] != second["id"]
+
+
+def test_a_batch_without_a_cache_field_takes_its_tenants_setting(
+    cache_stack: Stack, sessions: sessionmaker[Session]
+) -> None:
+    key, tenant_id = new_key(sessions)
+    with sessions.begin() as session:
+        operator = issue_key(
+            session, tenant_name=f"op-{uuid.uuid4().hex[:8]}", role="admin", tier="enterprise", operator=True
+        )
+    remember_secret(operator.api_key, operator.webhook_secret)
+    with user_client(cache_stack, operator.api_key) as op, user_client(cache_stack, key) as client:
+        body = {"queries": queries(2, uuid.uuid4().hex[:8])}
+        assert "cache" not in client.post("/v1/batches", json=body).json()["council"]
+        patched = op.patch(f"/v1/admin/tenants/{tenant_id}", json={"limits": {"cache": "exact"}})
+        assert patched.status_code == 200, patched.text
+        assert client.post("/v1/batches", json=body).json()["council"]["cache"] == "exact"
+        assert "cache" not in client.post("/v1/batches", json={**body, "cache": "off"}).json()["council"]
+        bad = client.post("/v1/batches", json={**body, "cache": "sometimes"})
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "cache"
