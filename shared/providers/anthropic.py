@@ -19,11 +19,11 @@ from shared.providers.base import (
     ChatRequest,
     ChatResult,
     Provider,
+    chat_result,
     error_detail,
     error_text,
     retry_after_seconds,
     system_and_turns,
-    token_count,
     typed_error,
 )
 
@@ -81,13 +81,7 @@ class AnthropicProvider(Provider):
         )
         if not text.strip():
             raise errors.BadResponse("answer has no text")
-        usage = body.get("usage")
-        usage = usage if isinstance(usage, dict) else {}
-        return ChatResult(
-            text=text,
-            input_tokens=token_count(usage.get("input_tokens")),
-            output_tokens=token_count(usage.get("output_tokens")),
-        )
+        return chat_result(text, body.get("usage"), "input_tokens", "output_tokens")
 
     def map_error(self, response: httpx.Response, body: Any) -> errors.ProviderError:
         status = response.status_code

@@ -132,6 +132,17 @@ def token_count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+def chat_result(text: str, usage: Any, input_key: str, output_key: str) -> ChatResult:
+    """An answer with the token counts its body's usage object gives under the provider's names
+    (no usage object, or a malformed count, counts as 0)."""
+    usage = usage if isinstance(usage, dict) else {}
+    return ChatResult(
+        text=text,
+        input_tokens=token_count(usage.get(input_key)),
+        output_tokens=token_count(usage.get(output_key)),
+    )
+
+
 def retry_after_seconds(headers: httpx.Headers) -> float | None:
     """The wait hint common to every provider: ``retry-after-ms``, else ``retry-after`` (seconds, a date)."""
     ms = headers.get("retry-after-ms")

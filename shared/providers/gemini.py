@@ -19,11 +19,11 @@ from shared.providers.base import (
     ChatRequest,
     ChatResult,
     Provider,
+    chat_result,
     error_detail,
     error_text,
     retry_after_seconds,
     system_and_turns,
-    token_count,
     typed_error,
 )
 
@@ -92,13 +92,7 @@ class GeminiProvider(Provider):
         )
         if not text.strip():
             raise errors.BadResponse(f"answer has no text (finishReason: {reason})")
-        usage = body.get("usageMetadata")
-        usage = usage if isinstance(usage, dict) else {}
-        return ChatResult(
-            text=text,
-            input_tokens=token_count(usage.get("promptTokenCount")),
-            output_tokens=token_count(usage.get("candidatesTokenCount")),
-        )
+        return chat_result(text, body.get("usageMetadata"), "promptTokenCount", "candidatesTokenCount")
 
     def map_error(self, response: httpx.Response, body: Any) -> errors.ProviderError:
         status = response.status_code
