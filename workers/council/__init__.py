@@ -4,6 +4,7 @@
 reviews; ``prompts`` holds the text sent to models. The runner wires this to the providers.
 """
 
+from workers.council.prompts import Message
 from workers.council.ranking import InvalidRanking, RankEntry, aggregate_ranking, parse_final_ranking
 from workers.council.stages import (
     CallRequest,
@@ -13,7 +14,6 @@ from workers.council.stages import (
     CouncilSpec,
     KnowledgeSnippet,
     MemberResult,
-    Message,
     QueryInput,
     ReviewResult,
     SynthesisAttempt,

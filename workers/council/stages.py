@@ -48,22 +48,6 @@ from workers.council.ranking import (
     strip_final_ranking,
 )
 
-__all__ = [
-    "CallRequest",
-    "CompleteFn",
-    "Completion",
-    "CouncilResult",
-    "CouncilSpec",
-    "KnowledgeSnippet",
-    "MemberResult",
-    "Message",
-    "QueryInput",
-    "RankEntry",
-    "ReviewResult",
-    "SynthesisAttempt",
-    "run_council",
-]
-
 
 @dataclass(frozen=True)
 class KnowledgeSnippet:
