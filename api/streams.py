@@ -47,8 +47,6 @@ MIN_INTERVAL_S = 1.0  # SPEC: progress at most once a second
 POLL_S = 1.0  # a read without an announcement after this long
 MIN_READ_GAP_S = 0.1  # between two reads of one batch, whatever wakes the reader
 KEEPALIVE_S = 15.0
-# Seconds of finish order held back while a batch runs (see shared.progress.finished_queries).
-SETTLE_S = 3
 QUERY_PAGE = 10_000
 
 
@@ -160,7 +158,9 @@ class BatchFeed:
                 if self.queries:
                     last = self.queries[-1]
                     after = (last.finished_at, last.query_id)
-                before = None if terminal else int(time.time()) - SETTLE_S
+                before = (
+                    None if terminal else progress.settled_before(session, self.batch_id, int(time.time()))
+                )
                 while True:
                     page = progress.finished_queries(session, self.batch_id, after, before, QUERY_PAGE)
                     finished.extend(page)

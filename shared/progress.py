@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from shared import keys
-from shared.lifecycle.statuses import QUERY_TERMINAL
+from shared.lifecycle.statuses import QUERY_TERMINAL, QueryStatus
 from shared.models import QUERIES
 
 log = logging.getLogger("conclave.progress")
@@ -226,6 +226,27 @@ class FinishedQuery:
         return {"query_id": self.query_id, "custom_id": self.custom_id, "status": self.status}
 
 
+# A claim or a cancel is committed within this long of the time it stamps on its rows.
+CLAIM_SETTLE_S = 3
+
+
+def settled_before(session: Session, batch_id: str, now: int) -> int:
+    """The finish order of the batch is final for every ``finished_at`` below this.
+
+    A worker stamps ``finished_at`` when the query ends and commits a moment (or, with a busy
+    database, seconds) later; until then the query is ``running`` in the database, and its
+    ``finished_at`` will be at least its ``started_at``. So nothing can still appear below the
+    oldest ``started_at`` of the batch's running queries — nor below the last few seconds, which
+    claims and cancels may still be committing. A query held by a dead worker holds the order
+    back until reconciliation takes it over: events wait, they are never reordered or lost."""
+    q = QUERIES.c
+    oldest_running = session.scalar(
+        select(func.min(q.started_at)).where(q.batch_id == batch_id, q.status == QueryStatus.RUNNING)
+    )
+    bound = now - CLAIM_SETTLE_S
+    return bound if oldest_running is None else min(bound, int(oldest_running))
+
+
 def finished_queries(
     session: Session,
     batch_id: str,
@@ -234,10 +255,8 @@ def finished_queries(
     limit: int = 10_000,
 ) -> list[FinishedQuery]:
     """Terminal queries of the batch in finish order, after the ``(finished_at, query_id)``
-    cursor. ``finished_before`` holds back the last seconds while the batch runs: an outcome is
-    stamped when the query ends and committed a moment later, so a query of the current second
-    may still appear before one already read; seconds older than that are settled, and the order
-    read from any replica, at any time, is the same."""
+    cursor, and (while the batch runs) ``finished_at`` below ``finished_before`` — see
+    ``settled_before``: the order read from any replica, at any time, is then the same."""
     q = QUERIES.c
     stmt = select(q.finished_at, q.id, q.custom_id, q.status).where(
         q.batch_id == batch_id, q.status.in_(QUERY_TERMINAL), q.finished_at.is_not(None)
