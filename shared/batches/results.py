@@ -79,19 +79,18 @@ def result_record(row: Any, include_stages: bool = False) -> dict[str, Any]:
     return record
 
 
-_RESULT_COLUMNS = (
+# What every rendering of a finished query reads (rows are read by column name, not position).
+OUTCOME_COLUMNS = (
     col(Query.seq),
     col(Query.id),
     col(Query.custom_id),
     col(Query.status),
     col(Query.result),
     col(Query.error),
-    col(Query.routing),
     col(Query.input_tokens),
     col(Query.output_tokens),
-    col(Query.cost_usd),
-    col(Query.latency_ms),
 )
+_RESULT_COLUMNS = (*OUTCOME_COLUMNS, col(Query.routing), col(Query.cost_usd), col(Query.latency_ms))
 
 
 def iter_rows_in_order(

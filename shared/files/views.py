@@ -25,7 +25,7 @@ from sqlalchemy import func, literal, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
-from shared.batches.results import iter_rows_in_order
+from shared.batches.results import OUTCOME_COLUMNS, iter_rows_in_order
 from shared.files import output
 from shared.files.store import iter_chunks, set_size
 from shared.lifecycle.statuses import BATCH_TERMINAL, QUERY_TERMINAL, QueryStatus
@@ -52,18 +52,7 @@ def iter_rows(
     with sessions() as session:
         council = session.scalar(select(col(Batch.council)).where(col(Batch.id) == batch_id)) or {}
     model = func.coalesce(col(Query.request)["model"].as_string(), literal(default_model(council)))
-    columns = (
-        col(Query.seq),
-        col(Query.id),
-        col(Query.custom_id),
-        col(Query.status),
-        col(Query.result),
-        col(Query.error),
-        col(Query.input_tokens),
-        col(Query.output_tokens),
-        col(Query.finished_at),
-        model.label("model"),
-    )
+    columns = (*OUTCOME_COLUMNS, col(Query.finished_at), model.label("model"))
     yield from iter_rows_in_order(sessions, batch_id, columns, statuses, PAGE)
 
 
