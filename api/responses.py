@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from api.schemas import ErrorResponse
 
@@ -33,3 +34,13 @@ def list_page(rows: list[dict[str, Any]], has_more: bool = False) -> JSONBytes:
             "last_id": rows[-1]["id"] if rows and "id" in rows[-1] else None,
         }
     )
+
+
+def attachment(
+    body: Iterator[bytes] | Iterable[bytes], media_type: str, filename: str, size: int | None = None
+) -> StreamingResponse:
+    """A streamed download the client saves as ``filename`` (``Content-Length`` when known)."""
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    return StreamingResponse(body, media_type=media_type, headers=headers)

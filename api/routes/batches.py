@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AppState, PrincipalDep, SessionDep, StateDep, WriterDep
-from api.responses import ERROR_RESPONSES, JSONBytes, list_page
+from api.responses import ERROR_RESPONSES, JSONBytes, attachment, list_page
 from api.schemas import BatchList, BatchObject
 from shared.batches import read, service
 from shared.batches.csv_results import csv_lines
@@ -136,5 +136,4 @@ def batch_results(
     else:
         body = _chunked(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
         media = "application/x-ndjson"
-    headers = {"Content-Disposition": f'attachment; filename="{batch.id}.{format}"'}
-    return StreamingResponse(body, media_type=media, headers=headers)
+    return attachment(body, media, f"{batch.id}.{format}")

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import PrincipalDep, SessionDep, StateDep, WriterDep
 from api.multipart import MultipartUpload
-from api.responses import ERROR_RESPONSES, JSONBytes, list_page
+from api.responses import ERROR_RESPONSES, JSONBytes, attachment, list_page
 from shared.files import store, views
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -110,11 +110,8 @@ def file_content(
     file_id: str, session: SessionDep, principal: PrincipalDep, state: StateDep
 ) -> StreamingResponse:
     stored = store.get_file(session, principal.tenant_id, file_id)
-    headers = {"Content-Disposition": f'attachment; filename="{stored.filename}"'}
-    if stored.bytes is not None:
-        headers["Content-Length"] = str(stored.bytes)
-    return StreamingResponse(
-        views.content(state.sessions, stored), media_type="application/octet-stream", headers=headers
+    return attachment(
+        views.content(state.sessions, stored), "application/octet-stream", stored.filename, stored.bytes
     )
 
 

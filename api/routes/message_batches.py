@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import PrincipalDep, SessionDep, StateDep, WriterDep
-from api.responses import ERROR_RESPONSES, JSONBytes, list_page
+from api.responses import ERROR_RESPONSES, JSONBytes, attachment, list_page
 from api.routes.batches import submit
 from shared.batches import read, service
 from shared.batches.read import Counts
@@ -78,7 +78,6 @@ def message_batch_results(
 ) -> StreamingResponse:
     """One result line per finished request, in request order (Anthropic promises no order)."""
     batch = read.get_batch(session, principal.tenant_id, batch_id)
-    headers = {"Content-Disposition": f'attachment; filename="{batch.id}_results.jsonl"'}
-    return StreamingResponse(
-        views.anthropic_results(state.sessions, batch.id), media_type="application/x-ndjson", headers=headers
+    return attachment(
+        views.anthropic_results(state.sessions, batch.id), "application/x-ndjson", f"{batch.id}_results.jsonl"
     )
