@@ -20,6 +20,16 @@ from shared.models import ProviderCall, Query
 RESULT_PAGE = 1000
 
 
+def _member_identity(m: dict[str, Any]) -> dict[str, Any]:
+    """Who a member's entry is about: ``model`` answered, ``requested_model`` was asked (they
+    differ when a fallback answered; results stored before the distinction name the member only)."""
+    return {
+        "model": m["model"],
+        "requested_model": m.get("requested_model", m["model"]),
+        "status": m["status"],
+    }
+
+
 def result_record(row: Any, include_stages: bool = False) -> dict[str, Any]:
     result = row.result or {}
     record: dict[str, Any] = {
@@ -30,13 +40,9 @@ def result_record(row: Any, include_stages: bool = False) -> dict[str, Any]:
         "error": row.error,
         "synthesis": result.get("synthesis"),
         "chairman": result.get("chairman"),
-        # ``model`` is who answered, ``requested_model`` the member (they differ when a fallback
-        # answered; results stored before the distinction name the member only).
         "members": [
             {
-                "model": m["model"],
-                "requested_model": m.get("requested_model", m["model"]),
-                "status": m["status"],
+                **_member_identity(m),
                 "error": m.get("error"),
                 "latency_ms": m.get("latency_ms"),
                 # "exact" when the answer came from the exact cache (SPEC §14)
@@ -63,9 +69,7 @@ def result_record(row: Any, include_stages: bool = False) -> dict[str, Any]:
         record["stages"] = {
             "answers": [
                 {
-                    "model": m["model"],
-                    "requested_model": m.get("requested_model", m["model"]),
-                    "status": m["status"],
+                    **_member_identity(m),
                     "answer": m.get("answer"),
                     "error": m.get("error"),
                     # Set when the same model answered for another member: only that answer was reviewed.
