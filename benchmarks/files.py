@@ -86,19 +86,23 @@ def main() -> None:
         warm = client.files.create(file=("warm.jsonl", data[: data.index(b"\n") + 1]), purpose="batch")
         client.files.delete(warm.id)
 
-        rss_before = proc_tree_sample(api_pid).rss_mb
+        before = proc_tree_sample(api_pid)
+        rss_before = before.rss_mb
         sampler = RssSampler(api_pid)
         sampler.start()
         started = time.perf_counter()
         uploaded = client.files.create(file=("bench.jsonl", data), purpose="batch")
         uploaded_s = time.perf_counter() - started
         rss_peak = sampler.stop()
+        upload_cpu = proc_tree_sample(api_pid).cpu_s - before.cpu_s
         batch = client.batches.create(
             input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
         in_progress_s = time.perf_counter() - started
         assert batch.status == "in_progress", batch.status
         create_s = in_progress_s - uploaded_s
+        create_cpu = proc_tree_sample(api_pid).cpu_s - before.cpu_s - upload_cpu
+        load = os.getloadavg()[0]
 
         run_started = time.perf_counter()
         while batch.status not in ("completed", "failed", "cancelled", "expired"):
@@ -131,8 +135,11 @@ def main() -> None:
         ["measure", "value"],
         [
             ["upload (files.create)", f"{uploaded_s:.2f} s"],
+            ["API CPU for the upload", f"{upload_cpu:.2f} s"],
             ["batches.create (validate, store, enqueue)", f"{create_s:.2f} s"],
+            ["API CPU for batches.create", f"{create_cpu:.2f} s"],
             ["upload start → batch in_progress", f"{in_progress_s:.2f} s"],
+            ["load average (1 min) at create", f"{load:.1f}"],
             ["API RSS before upload", f"{rss_before:.0f} MB"],
             ["API RSS growth during upload (peak)", f"{rss_peak - rss_before:.0f} MB"],
             ["batch run (all lines, 1 call each)", f"{run_s:.1f} s"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
@@ -104,25 +104,31 @@ def iter_rows_in_order(
     statuses: Collection[str],
     page: int = RESULT_PAGE,
 ) -> Iterator[Any]:
-    """``columns`` of a batch's queries in ``statuses``, in batch order (``seq``), ``page`` rows per
-    short transaction: a keyset walk, so memory stays bounded however large the batch."""
-    last_seq = -1
-    while True:
+    """``columns`` of a batch's queries in ``statuses``, in batch order (``seq``), a window of
+    ``page`` seqs per short transaction, so memory stays bounded however large the batch.
+
+    Windows of ``seq`` (``seq >= lo AND seq < lo + page``) rather than a keyset page
+    (``seq > last ... LIMIT page``): with the status filter, PostgreSQL picks the
+    ``(batch_id, status)`` index and sorts every remaining row for each page, quadratic in the
+    batch (50,000 queries: 425 ms a page, 40 s for an output file), while a window is a range
+    scan of ``ix_queries_batch_seq`` (16 ms). A query's ``seq`` runs from 0 without gaps."""
+    with sessions() as session:
+        last = session.scalar(select(func.max(col(Query.seq))).where(col(Query.batch_id) == batch_id))
+    if last is None:
+        return
+    for lo in range(0, last + 1, page):
         with sessions() as session:
             rows = session.execute(
                 select(*columns)
                 .where(
                     col(Query.batch_id) == batch_id,
+                    col(Query.seq) >= lo,
+                    col(Query.seq) < lo + page,
                     col(Query.status).in_(statuses),
-                    col(Query.seq) > last_seq,
                 )
                 .order_by(col(Query.seq))
-                .limit(page)
             ).all()
         yield from rows
-        if len(rows) < page:
-            return
-        last_seq = rows[-1].seq
 
 
 def iter_results(
