@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,8 +19,9 @@ from shared.errors import Forbidden, InvalidField, PayloadTooLarge, PaymentRequi
 from shared.models import Tenant
 from shared.providers.config import Catalog
 from shared.schemas import BatchCreate
-from shared.settings import PRIORITY_RANK, Settings, TierLimits
+from shared.settings import PRIORITY_RANK, Priority, Settings, TierLimits, parse_window
 from shared.usage import budget_for, month_to_date_cost
+from shared.webhooks.endpoints import check_webhook_url
 
 METADATA_MAX_KEYS = 16
 METADATA_MAX_KEY = 64
@@ -104,11 +105,40 @@ def check_tier(limits: TierLimits, payload: BatchCreate) -> None:
             f"got {len(payload.queries)}",
             param="queries",
         )
-    if PRIORITY_RANK[payload.priority] > PRIORITY_RANK[limits.max_priority]:
+    check_priority(limits, payload.priority)
+
+
+def check_priority(limits: TierLimits, priority: Priority) -> None:
+    if PRIORITY_RANK[priority] > PRIORITY_RANK[limits.max_priority]:
         raise Forbidden(
-            f"your tier allows priority up to {limits.max_priority!r}, not {payload.priority!r}",
-            param="priority",
+            f"your tier allows priority up to {limits.max_priority!r}, not {priority!r}", param="priority"
         )
+
+
+class Terms(NamedTuple):
+    metadata: dict[str, str]
+    window: str
+    window_s: int
+
+
+def check_terms(
+    settings: Settings,
+    *,
+    metadata: dict[str, str] | None,
+    webhook_url: str | None,
+    completion_window: str | None,
+) -> Terms:
+    """What every kind of batch is checked for besides its work: metadata, the webhook URL (SSRF
+    rules) and the completion window (the default when none is given), in that order."""
+    checked = check_metadata(metadata)
+    if webhook_url is not None:
+        check_webhook_url(webhook_url, allow_private=settings.webhook_allow_private, param="webhook_url")
+    window = completion_window or settings.default_completion_window
+    try:
+        window_s = parse_window(window)
+    except ValueError as exc:
+        raise InvalidField(str(exc), param="completion_window") from exc
+    return Terms(checked, window, window_s)
 
 
 def check_budget(

@@ -26,7 +26,7 @@ from sqlmodel import col
 from shared.batches import admission
 from shared.batches.read import Counts, counts_for, get_batch
 from shared.db import write_transaction
-from shared.errors import Conflict, DependencyDown, InvalidField
+from shared.errors import Conflict, DependencyDown
 from shared.files.store import create_views, drop_views, new_file_id
 from shared.ids import new_id, new_ids
 from shared.lifecycle.statuses import BatchStatus, QueryStatus
@@ -37,8 +37,7 @@ from shared.queue.contract import query_message
 from shared.queue.enqueue import EnqueueError, discard_messages, enqueue_messages
 from shared.quota import Reservation, reserve_daily_quota
 from shared.schemas import BatchCreate
-from shared.settings import Priority, Settings, TierLimits, parse_window
-from shared.webhooks.endpoints import check_webhook_url
+from shared.settings import Priority, Settings, TierLimits
 
 log = logging.getLogger("conclave.batches")
 T = TypeVar("T")
@@ -100,22 +99,18 @@ def create_batch(
     cache = payload.cache or (limits.cache if limits is not None else "off")
     if cache != "off":
         council["cache"] = cache
-    metadata = admission.check_metadata(payload.metadata)
-    if payload.webhook_url is not None:
-        check_webhook_url(
-            payload.webhook_url, allow_private=settings.webhook_allow_private, param="webhook_url"
-        )
-    window = payload.completion_window or settings.default_completion_window
-    try:
-        window_s = parse_window(window)
-    except ValueError as exc:
-        raise InvalidField(str(exc), param="completion_window") from exc
+    terms = admission.check_terms(
+        settings,
+        metadata=payload.metadata,
+        webhook_url=payload.webhook_url,
+        completion_window=payload.completion_window,
+    )
     admitted = Admitted(
         priority=payload.priority,
         council=council,
-        metadata=metadata,
-        window=window,
-        window_s=window_s,
+        metadata=terms.metadata,
+        window=terms.window,
+        window_s=terms.window_s,
         knowledge=payload.knowledge.model_dump() if payload.knowledge else None,
         webhook_url=payload.webhook_url,
     )

@@ -22,15 +22,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.batches import admission, service
 from shared.batches.read import Counts
-from shared.errors import Forbidden, InvalidField, NotFound, PayloadTooLarge
+from shared.errors import InvalidField, NotFound, PayloadTooLarge
 from shared.files import anthropic
 from shared.files.lines import CHAT_URL, FileCheck, FileReport, InvalidFile, LineRules, too_many
 from shared.files.store import get_file, iter_chunks, iter_lines
 from shared.models import Batch
 from shared.providers.config import Catalog
 from shared.schemas import BatchCreate, MessageBatchCreate
-from shared.settings import PRIORITY_RANK, Priority, Settings, TierLimits, parse_window
-from shared.webhooks.endpoints import check_webhook_url
+from shared.settings import Priority, Settings, TierLimits
 
 MESSAGES_URL = "/v1/messages"
 
@@ -56,25 +55,18 @@ def _admit(
     input_file_id: str | None = None,
 ) -> service.Admitted:
     """The batch-level checks inline batches get too (metadata, webhook, window, tier priority)."""
-    if limits is not None and PRIORITY_RANK[priority] > PRIORITY_RANK[limits.max_priority]:
-        raise Forbidden(
-            f"your tier allows priority up to {limits.max_priority!r}, not {priority!r}", param="priority"
-        )
-    checked = admission.check_metadata(metadata)
-    if webhook_url is not None:
-        check_webhook_url(webhook_url, allow_private=settings.webhook_allow_private, param="webhook_url")
-    window = completion_window or settings.default_completion_window
-    try:
-        window_s = parse_window(window)
-    except ValueError as exc:
-        raise InvalidField(str(exc), param="completion_window") from exc
+    if limits is not None:
+        admission.check_priority(limits, priority)
+    terms = admission.check_terms(
+        settings, metadata=metadata, webhook_url=webhook_url, completion_window=completion_window
+    )
     return service.Admitted(
         priority=priority,
         # The configured council, for display: each query carries the work its line asked for.
         council={"mode": "council", "members": list(catalog.members), "chairman": catalog.chairman},
-        metadata=checked,
-        window=window,
-        window_s=window_s,
+        metadata=terms.metadata,
+        window=terms.window,
+        window_s=terms.window_s,
         webhook_url=webhook_url,
         knowledge=knowledge,
         endpoint=endpoint,
