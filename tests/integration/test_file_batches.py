@@ -12,10 +12,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from sqlalchemy import func, select
+from sqlmodel import col
 
+from shared.files.store import purge_expired
 from shared.files.views import measure_ended_views
 from shared.lifecycle.transitions import expire_batch
-from shared.models import StoredFile
+from shared.models import FileChunk, StoredFile
 from shared.settings import Settings
 from shared.sim import SimServer
 from shared.stack import Stack
@@ -309,3 +312,20 @@ def test_the_scheduler_measures_ended_views_before_anyone_asks(api: httpx.Client
     with sessions() as session:
         measured = session.get(StoredFile, done["output_file_id"]).bytes
     assert measured == len(api.get(f"/v1/files/{done['output_file_id']}/content").content) > 0
+
+
+def test_expired_files_are_gone_and_purged_with_their_chunks(api: httpx.Client, sessions: Any) -> None:
+    kept = api.post(
+        "/v1/files",
+        files={"file": ("a.jsonl", b'{"x": 1}\n' * 10)},
+        data={"purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"},
+    ).json()
+    with sessions() as session:
+        assert session.scalar(select(func.count()).where(col(FileChunk.file_id) == kept["id"])) == 1
+    purge_expired(sessions, now=kept["expires_at"] - 1)
+    assert api.get(f"/v1/files/{kept['id']}").status_code == 200
+    purge_expired(sessions, now=kept["expires_at"])
+    assert api.get(f"/v1/files/{kept['id']}").status_code == 404
+    with sessions() as session:
+        assert session.scalar(select(func.count()).where(col(FileChunk.file_id) == kept["id"])) == 0
+        assert session.get(StoredFile, kept["id"]) is None
