@@ -92,8 +92,8 @@ def build(url: str, calls: int, batches: int, seed: int = 17) -> tuple[str, str]
             session.add(Tenant(id=tid, name=name, webhook_secret="whsec_x", created_at=0))
             tenants.append(tid)
     now = int(time.time())
-    queries = calls // CALLS_PER_QUERY
-    per_batch = queries // batches
+    # Rounded up: at least ``calls`` ledger rows.
+    per_batch = -(-calls // (CALLS_PER_QUERY * batches))
     # The main tenant holds 60% of the batches, so its leaderboard reads most of the rollups.
     owners = [tenants[0] if i < batches * 6 // 10 else tenants[1 + i % 2] for i in range(batches)]
     batch_ids = [f"batch_{uuid.uuid4().hex[:20]}" for _ in range(batches)]
