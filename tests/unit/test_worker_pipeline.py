@@ -37,7 +37,7 @@ from shared.providers.http import make_client
 from shared.providers.registry import build_providers
 from shared.queue.contract import ACTOR_NAMES, LEASE_MARGIN_S
 from shared.settings import Settings
-from shared.sim import SimServer
+from shared.sim import SimConfig, SimServer
 from workers import pipeline
 from workers.broker import make_worker_broker
 from workers.context import WorkerContext, build_context
@@ -67,7 +67,7 @@ class Faults:
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, sim_url: str):
+    def __init__(self, tmp_path: Path, sim_url: str, time_limit_ms: int | None = None):
         self.settings = Settings(
             database_url=f"sqlite:///{tmp_path / 'pipeline.db'}",
             sim_provider_url=sim_url,
@@ -77,7 +77,12 @@ class Harness:
         SQLModel.metadata.create_all(self.engine)
         self.sessions = make_sessionmaker(self.engine)
         self.faults = Faults(self.engine)
-        self.broker = StubBroker(middleware=[CurrentMessage(), AsyncIO()])
+        middleware: list[Any] = [CurrentMessage(), AsyncIO()]
+        if time_limit_ms is not None:
+            middleware.append(TimeLimit(time_limit=time_limit_ms, interval=50))
+        self.broker = StubBroker(middleware=middleware)
+        if time_limit_ms is not None:
+            self.broker.emit_after("process_boot")  # starts the time limit's timer thread
         catalog = simulated_catalog(sim_url)
 
         def runner(settings: Settings, catalog: Any, journal: CallJournal, worker_id: str) -> Runner:
@@ -275,6 +280,29 @@ def test_a_query_cut_off_too_often_fails_with_attempts_exhausted(harness: Harnes
     assert (query.status, query.error) == (QueryStatus.FAILED, pipeline.EXHAUSTED_ERROR)
     assert harness.calls(batch_id) == 0
     assert harness.batch_status(batch_id) == BatchStatus.COMPLETED
+
+
+def test_a_query_past_its_time_limit_fails_and_keeps_its_calls(tmp_path: Path) -> None:
+    """dramatiq's time limit interrupts the thread (a BaseException): the query used to drop its
+    call records and run again, with no cap. Now it ends ``failed`` (``timeout``) and every call
+    that was sent is in the ledger, marked abandoned since its answer never came."""
+    with SimServer(SimConfig(latency_ms=5_000)) as slow:
+        h = Harness(tmp_path, slow.url, time_limit_ms=600)
+        try:
+            batch_id, (qid,) = h.batch(1)
+            h.start(threads=1)
+            h.run([qid])
+            (query,) = h.queries(batch_id)
+            assert (query.status, query.error) == (QueryStatus.FAILED, pipeline.TIME_LIMIT_ERROR)
+            with h.sessions() as s:
+                calls = s.scalars(select(ProviderCall).where(col(ProviderCall.batch_id) == batch_id)).all()
+                usage = s.get(BatchUsage, batch_id)
+            # The three stage 1 calls were sent, then cut off.
+            assert sorted(c.status for c in calls) == [CallStatus.ABANDONED] * 3
+            assert all(c.call_key and c.input_tokens > 0 for c in calls)
+            assert usage is not None and usage.calls == 3
+        finally:
+            h.close()
 
 
 def test_a_failed_finalise_leaves_the_outcomes_and_reconciliation_finishes_the_batch(
