@@ -37,16 +37,15 @@ from typing import Any
 
 import redis
 from sqlalchemy import update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
 from shared import keys
 from shared.db import write_transaction
-from shared.models import Batch, Notice, Tenant
+from shared.models import Batch, Tenant
 from shared.settings import Settings
 from shared.usage import budget_for, month_start, month_to_date_cost
-from shared.webhooks.events import emit
+from shared.webhooks.events import emit_once
 
 log = logging.getLogger("conclave.budget")
 
@@ -264,7 +263,7 @@ class Budgets:
     def notify(self, tenant_id: str, budget: float, spent: float, now: int, *, reached: bool = False) -> None:
         """``cost.budget_warning`` once ``spent`` reaches 80% of ``budget``, ``cost.budget_exceeded``
         once it reaches the budget or a query no longer fits (``reached``): each once per month
-        (``send_once``; this process also remembers what it sent)."""
+        (``emit_once``; this process also remembers what it sent)."""
         period = datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
         due = []
         if spent >= WARNING_SHARE * budget:
@@ -275,24 +274,8 @@ class Budgets:
             if (tenant_id, kind, period) in self._notified:
                 continue
             data = {"period": period, "budget_usd": budget, "spent_usd": round(spent, 8)}
-            send_once(self._sessions, tenant_id, kind, period, data, now)
+            emit_once(self._sessions, tenant_id, kind, period, data, now)
             self._notified.add((tenant_id, kind, period))
-
-
-def send_once(
-    sessions: sessionmaker[Session], tenant_id: str, kind: str, period: str, data: dict[str, Any], now: int
-) -> bool:
-    """Emit ``kind`` to the tenant once per ``period``: a ``Notice`` with a unique (tenant, kind,
-    period) commits with the event, so two processes cannot both send it."""
-    try:
-        with sessions.begin() as session:
-            session.add(Notice(tenant_id=tenant_id, kind=kind, period=period, created_at=now))
-            session.flush()
-            emit(session, tenant_id, kind, data, now=now)
-    except IntegrityError:
-        return False
-    log.info("%s sent to tenant %s for %s", kind, tenant_id, period)
-    return True
 
 
 def mark_waiting(sessions: sessionmaker[Session], batch_id: str, waiting: dict[str, Any] | None) -> None:

@@ -19,7 +19,7 @@ from sqlmodel import col
 from shared.models import Notice, ProviderCall, Tenant
 from shared.settings import Settings
 from shared.usage import budget_for, month_start, month_to_date_cost, usage_report
-from shared.webhooks.events import emit
+from shared.webhooks.events import emit_once
 
 log = logging.getLogger("conclave.scheduler")
 
@@ -28,20 +28,6 @@ MAX_CATCH_UP_DAYS = 35
 # The job's own progress marks are notices of no tenant, of a kind no webhook event has.
 _JOB = ""
 _SUMMARISED = "job.daily_summary"
-
-
-def _send_once(
-    sessions: sessionmaker[Session], tenant_id: str, kind: str, period: str, data: dict, now: int
-) -> bool:
-    try:
-        with sessions.begin() as session:
-            session.add(Notice(tenant_id=tenant_id, kind=kind, period=period, created_at=now))
-            session.flush()
-            emit(session, tenant_id, kind, data, now=now)
-    except IntegrityError:
-        return False  # already sent for this period
-    log.info("%s sent to tenant %s for %s", kind, tenant_id, period)
-    return True
 
 
 def daily_summaries(sessions: sessionmaker[Session], now: int | None = None) -> int:
@@ -83,7 +69,7 @@ def _summarise_day(sessions: sessionmaker[Session], day: date, now: int) -> int:
         with sessions() as session:
             report = usage_report(session, tenant_id, start, end, "model")
         data = {"date": day.isoformat(), **{k: v for k, v in report.items() if k != "object"}}
-        sent += _send_once(sessions, tenant_id, "cost.daily_summary", day.isoformat(), data, now)
+        sent += emit_once(sessions, tenant_id, "cost.daily_summary", day.isoformat(), data, now)
     return sent
 
 
@@ -117,5 +103,5 @@ def budget_checks(sessions: sessionmaker[Session], settings: Settings, now: int 
     sent = 0
     for tenant_id, budget, spent in over:
         data = {"period": period, "budget_usd": budget, "spent_usd": round(spent, 8)}
-        sent += _send_once(sessions, tenant_id, "cost.budget_exceeded", period, data, now)
+        sent += emit_once(sessions, tenant_id, "cost.budget_exceeded", period, data, now)
     return sent

@@ -8,19 +8,23 @@ the change, an event is never lost and never emitted twice.
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from sqlalchemy import insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
 from shared.batches.read import batch_object, counts_for
 from shared.ids import new_id
 from shared.lifecycle.statuses import BatchStatus, DeliveryStatus
-from shared.models import DELIVERIES, Batch, WebhookEndpoint
+from shared.models import DELIVERIES, Batch, Notice, WebhookEndpoint
+
+log = logging.getLogger("conclave.webhooks")
 
 EVENT_TYPES = (
     "batch.completed",
@@ -80,6 +84,23 @@ def emit(
     if rows:
         session.execute(insert(DELIVERIES), rows)
     return [str(r["id"]) for r in rows]
+
+
+def emit_once(
+    sessions: sessionmaker[Session], tenant_id: str, kind: str, period: str, data: dict[str, Any], now: int
+) -> bool:
+    """Emit ``kind`` to the tenant once per ``period``: a ``Notice`` with a unique (tenant, kind,
+    period) commits with the event, so two processes (or two runs of a job) cannot both send it.
+    Returns whether this call sent it."""
+    try:
+        with sessions.begin() as session:
+            session.add(Notice(tenant_id=tenant_id, kind=kind, period=period, created_at=now))
+            session.flush()
+            emit(session, tenant_id, kind, data, now=now)
+    except IntegrityError:
+        return False  # already sent for this period
+    log.info("%s sent to tenant %s for %s", kind, tenant_id, period)
+    return True
 
 
 def emit_batch_event(session: Session, batch_id: str, final_status: str, now: int | None = None) -> list[str]:
