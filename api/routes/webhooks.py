@@ -11,24 +11,18 @@ from api.deps import AdminDep, PrincipalDep, SessionDep, StateDep
 from api.responses import ERROR_RESPONSES, JSONBytes, list_page
 from shared.lifecycle.statuses import DeliveryStatus
 from shared.webhooks import endpoints
+from shared.webhooks.events import EventType
 
 router = APIRouter(tags=["webhooks"])
 
 
-EventType = Literal[
-    "batch.completed",
-    "batch.cancelled",
-    "batch.expired",
-    "cost.budget_warning",
-    "cost.budget_exceeded",
-    "cost.daily_summary",
-    "*",
-]
+# An endpoint subscribes to event types by name, or to all of them with "*".
+Subscription = Literal[EventType, "*"]
 
 
 class EndpointIn(BaseModel):
     url: str = Field(max_length=2048, pattern=r"^https?://[^/?#\s]+")
-    events: list[EventType] = Field(min_length=1, max_length=16)
+    events: list[Subscription] = Field(min_length=1, max_length=16)
 
 
 @router.post("/v1/webhooks", status_code=201, responses=ERROR_RESPONSES)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 import orjson
 from sqlalchemy import insert, select
@@ -26,14 +26,15 @@ from shared.models import DELIVERIES, Batch, Notice, WebhookEndpoint
 
 log = logging.getLogger("conclave.webhooks")
 
-EVENT_TYPES = (
+EventType = Literal[
     "batch.completed",
     "batch.cancelled",
     "batch.expired",
     "cost.budget_warning",
     "cost.budget_exceeded",
     "cost.daily_summary",
-)
+]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 BATCH_EVENTS: dict[str, str] = {
     BatchStatus.COMPLETED: "batch.completed",
     BatchStatus.CANCELLED: "batch.cancelled",
