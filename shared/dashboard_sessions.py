@@ -12,13 +12,8 @@ import hashlib
 import secrets
 
 import redis
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-from sqlmodel import col
 
 from shared import keys
-from shared.models import ApiKey, Tenant
-from shared.tenants import Principal
 
 SESSION_TTL_S = 12 * 3600
 
@@ -46,32 +41,3 @@ def session_key_id(client: redis.Redis, namespace: str, token: str | None) -> st
 def close_session(client: redis.Redis, namespace: str, token: str | None) -> None:
     if token:
         client.delete(session_key(namespace, token))
-
-
-def principal_for_key(session: Session, key_id: str) -> Principal | None:
-    """The principal of a live (unrevoked) key, as ``shared.tenants.authenticate`` builds it."""
-    row = session.execute(
-        select(
-            col(ApiKey.id),
-            col(ApiKey.tenant_id),
-            col(ApiKey.role),
-            col(ApiKey.revoked_at),
-            col(Tenant.is_operator),
-            col(Tenant.tier),
-            col(Tenant.limits),
-            col(Tenant.monthly_budget_usd),
-        )
-        .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
-        .where(col(ApiKey.id) == key_id)
-    ).first()
-    if row is None or row.revoked_at is not None:
-        return None
-    return Principal(
-        tenant_id=row.tenant_id,
-        key_id=row.id,
-        role=row.role,
-        is_operator=row.is_operator,
-        tier=row.tier,
-        limit_overrides=row.limits,
-        monthly_budget_usd=row.monthly_budget_usd,
-    )

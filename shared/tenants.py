@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -125,6 +125,21 @@ def issue_key(
 def authenticate(session: Session, api_key: str | None) -> Principal:
     if not api_key:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    principal = _live_principal(session, col(ApiKey.key_hash) == hash_key(api_key))
+    if principal is None:
+        raise Unauthorized("invalid API key")
+    return principal
+
+
+def principal_for_key(session: Session, key_id: str) -> Principal | None:
+    """The principal of a live (unrevoked) key by its id, as :func:`authenticate` builds it (a
+    dashboard session holds the key's id, not the key)."""
+    return _live_principal(session, col(ApiKey.id) == key_id)
+
+
+def _live_principal(session: Session, which_key: ColumnElement[bool]) -> Principal | None:
+    """The principal of the one key ``which_key`` selects, with its tenant's tier, limits and
+    budget; ``None`` for no such key or a revoked one."""
     row = session.execute(
         select(
             col(ApiKey.id),
@@ -137,10 +152,10 @@ def authenticate(session: Session, api_key: str | None) -> Principal:
             col(Tenant.monthly_budget_usd),
         )
         .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
-        .where(col(ApiKey.key_hash) == hash_key(api_key))
+        .where(which_key)
     ).first()
     if row is None or row.revoked_at is not None:
-        raise Unauthorized("invalid API key")
+        return None
     return Principal(
         tenant_id=row.tenant_id,
         key_id=row.id,

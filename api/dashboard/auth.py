@@ -19,11 +19,10 @@ from shared.dashboard_sessions import (
     SESSION_TTL_S,
     close_session,
     open_session,
-    principal_for_key,
     session_key_id,
 )
 from shared.errors import ConclaveError, Forbidden
-from shared.tenants import Principal
+from shared.tenants import Principal, principal_for_key
 
 COOKIE = "conclave_session"
 COOKIE_PATH = "/dashboard"
