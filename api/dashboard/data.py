@@ -23,16 +23,25 @@ from api.routes import batches as batch_routes
 from api.streams import open_stream
 from shared import insights, progress
 from shared.batches import read, service
-from shared.ledger import LATENCY_WINDOW_S, recent_latencies
 from shared.liveness import alive_workers
 from shared.metrics import recent_counts
-from shared.providers.breaker import read_circuit
-from shared.providers.ratelimit import headroom
+from shared.providers.health import provider_health
 from shared.queue.inspect import queue_stats
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
 MODELS_WINDOW_S = 24 * 3600
+# What the operations page shows of each provider's health (/v1/admin/providers has all of it).
+OPERATIONS_PROVIDER_FIELDS = (
+    "provider",
+    "circuit",
+    "window_calls",
+    "window_error_rate",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "rpm",
+    "rpm_headroom",
+)
 
 
 def batch_view(state: Any, session: Any, rows: list[Any]) -> list[dict[str, Any]]:
@@ -78,23 +87,8 @@ def data_operations(state: StateDep, session: SessionDep, principal: SessionOper
     client, ns = state.broker.client, state.broker.namespace
     now = time.time()
     queues = [asdict(q) for q in queue_stats(state.broker)]
-    latencies = recent_latencies(session, int(now) - LATENCY_WINDOW_S)
-    providers = []
-    for name, cfg in sorted(state.catalog.providers.items()):
-        circuit = read_circuit(client, ns, name, now)
-        recent = sorted(latencies.get(name, []))
-        providers.append(
-            {
-                "provider": name,
-                "circuit": circuit.state,
-                "window_calls": circuit.window_calls,
-                "window_error_rate": circuit.window_error_rate,
-                "latency_p50_ms": insights.quantile(recent, 0.50),
-                "latency_p95_ms": insights.quantile(recent, 0.95),
-                "rpm": cfg.rpm,
-                "rpm_headroom": headroom(client, ns, name, "rpm", cfg.rpm, now) if cfg.rpm else None,
-            }
-        )
+    health = provider_health(client, ns, state.catalog, session, now)
+    providers = [{k: row[k] for k in OPERATIONS_PROVIDER_FIELDS} for row in health]
     per_minute = recent_counts(client, ns, "finished", 15)
     return JSONBytes(
         {

@@ -13,12 +13,10 @@ from api.deps import OperatorDep, SessionDep, StateDep
 from api.responses import ERROR_RESPONSES, JSONBytes, list_page
 from shared.budget import budget_changed
 from shared.errors import InvalidField, NotFound
-from shared.ledger import LATENCY_WINDOW_S, recent_latencies
 from shared.liveness import alive_workers
 from shared.metrics import recent_counts
 from shared.models import Tenant
-from shared.providers.breaker import read_circuit
-from shared.providers.ratelimit import headroom
+from shared.providers.health import provider_health
 from shared.queue.inspect import queue_stats
 from shared.settings import TierLimits
 from shared.tenants import check_tier
@@ -61,37 +59,8 @@ def queues(state: StateDep, principal: OperatorDep) -> JSONBytes:
 
 @router.get("/providers", responses=ERROR_RESPONSES)
 def providers(state: StateDep, session: SessionDep, principal: OperatorDep) -> JSONBytes:
-    client = state.broker.client
-    ns = state.broker.namespace
-    now = time.time()
-    latencies = recent_latencies(session, int(now) - LATENCY_WINDOW_S)
-    data = []
-    for name, cfg in sorted(state.catalog.providers.items()):
-        circuit = read_circuit(client, ns, name, now)
-        recent = sorted(latencies.get(name, []))
-        data.append(
-            {
-                "provider": name,
-                "api": cfg.api,
-                "circuit": circuit.state,
-                "window_calls": circuit.window_calls,
-                "window_error_rate": circuit.window_error_rate,
-                "latency_p50_ms": _quantile(recent, 0.50),
-                "latency_p95_ms": _quantile(recent, 0.95),
-                "latency_sample": len(recent),
-                "rpm": cfg.rpm,
-                "tpm": cfg.tpm,
-                "rpm_headroom": headroom(client, ns, name, "rpm", cfg.rpm, now) if cfg.rpm else None,
-                "tpm_headroom": headroom(client, ns, name, "tpm", cfg.tpm, now) if cfg.tpm else None,
-            }
-        )
-    return list_page(data)
-
-
-def _quantile(ordered: list[int], q: float) -> int | None:
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    client, ns = state.broker.client, state.broker.namespace
+    return list_page(provider_health(client, ns, state.catalog, session, time.time()))
 
 
 class TenantPatch(BaseModel):
