@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.ratelimit import AUTH_FAILURES, SlidingWindow
+from shared import tenants
 from shared.errors import Forbidden, RateLimited, Unauthorized
 from shared.metrics import MetricsBuffer
 from shared.providers.config import Catalog
@@ -113,9 +114,7 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
 async def require_writer(principal: PrincipalDep) -> Principal:
-    if principal.role not in ("admin", "user"):
-        raise Forbidden(f"role {principal.role!r} may only read")
-    return principal
+    return tenants.require_writer(principal)
 
 
 async def require_admin(principal: PrincipalDep) -> Principal:
@@ -125,9 +124,7 @@ async def require_admin(principal: PrincipalDep) -> Principal:
 
 
 async def require_operator(principal: PrincipalDep) -> Principal:
-    if principal.role != "admin" or not principal.is_operator:
-        raise Forbidden("this needs an admin key of the operator tenant")
-    return principal
+    return tenants.require_operator(principal)
 
 
 WriterDep = Annotated[Principal, Depends(require_writer)]

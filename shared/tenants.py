@@ -20,7 +20,7 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from shared.errors import NotFound, Unauthorized
+from shared.errors import Forbidden, NotFound, Unauthorized
 from shared.ids import new_id
 from shared.models import ApiKey, Tenant
 from shared.settings import Settings, TierLimits, get_settings
@@ -72,6 +72,16 @@ class Principal:
     tier: str = "free"
     limit_overrides: dict[str, Any] | None = None
     monthly_budget_usd: float | None = None  # the tenant's own; None = its tier's
+
+    @property
+    def can_write(self) -> bool:
+        """Admins and users create and cancel; viewers only read."""
+        return self.role in ("admin", "user")
+
+    @property
+    def operates(self) -> bool:
+        """An admin key of the operator tenant: the one who sees every tenant and the system."""
+        return self.role == "admin" and self.is_operator
 
     def budget(self, settings: Settings) -> float | None:
         """The monthly budget that applies (as ``shared.usage.budget_for``), without a query."""
@@ -165,6 +175,20 @@ def _live_principal(session: Session, which_key: ColumnElement[bool]) -> Princip
         limit_overrides=row.limits,
         monthly_budget_usd=row.monthly_budget_usd,
     )
+
+
+def require_writer(principal: Principal) -> Principal:
+    """``principal``, if it may create and cancel (the API's and the dashboard's write routes)."""
+    if not principal.can_write:
+        raise Forbidden(f"role {principal.role!r} may only read")
+    return principal
+
+
+def require_operator(principal: Principal) -> Principal:
+    """``principal``, if it is an admin key of the operator tenant (``/v1/admin/*``, operations)."""
+    if not principal.operates:
+        raise Forbidden("this needs an admin key of the operator tenant")
+    return principal
 
 
 def key_object(key: ApiKey) -> dict[str, Any]:

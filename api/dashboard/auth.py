@@ -22,7 +22,7 @@ from shared.dashboard_sessions import (
     session_key_id,
 )
 from shared.errors import ConclaveError, Forbidden
-from shared.tenants import Principal, principal_for_key
+from shared.tenants import Principal, principal_for_key, require_operator, require_writer
 
 COOKIE = "conclave_session"
 COOKIE_PATH = "/dashboard"
@@ -74,15 +74,11 @@ SessionPrincipal = Annotated[Principal, Depends(session_principal)]
 
 
 async def require_session_writer(principal: SessionPrincipal) -> Principal:
-    if principal.role not in ("admin", "user"):
-        raise Forbidden(f"role {principal.role!r} may only read")
-    return principal
+    return require_writer(principal)
 
 
 async def require_session_operator(principal: SessionPrincipal) -> Principal:
-    if principal.role != "admin" or not principal.is_operator:
-        raise Forbidden("this needs an admin key of the operator tenant")
-    return principal
+    return require_operator(principal)
 
 
 SessionWriter = Annotated[Principal, Depends(require_session_writer)]

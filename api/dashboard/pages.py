@@ -132,7 +132,7 @@ async def batch_page(batch_id: str, request: Request, state: StateDep) -> Respon
         return _render(
             request, "error.html", 404, page="batches", principal=principal, message="No such batch."
         )
-    can_cancel = principal.role in ("admin", "user")
+    can_cancel = principal.can_write
     return _render(
         request, "batch.html", page="batches", principal=principal, batch_id=batch_id, can_cancel=can_cancel
     )
@@ -151,7 +151,7 @@ async def operations_page(request: Request, state: StateDep) -> Response:
     principal = await _signed_in(request, state)
     if principal is None:
         return _to_signin()
-    if principal.role != "admin" or not principal.is_operator:
+    if not principal.operates:
         return _render(
             request,
             "error.html",

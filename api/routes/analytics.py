@@ -31,7 +31,7 @@ def models(
     now = int(time.time())
     start = parse_instant(from_, "from", now - DEFAULT_RANGE_S)
     end = max(parse_instant(to, "to", now + 1), start)
-    scope = None if principal.is_operator and principal.role == "admin" else principal.tenant_id
+    scope = None if principal.operates else principal.tenant_id
     rows = leaderboard(session, scope, start, end, confidence)
     return JSONBytes(
         {
