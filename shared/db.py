@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import CursorResult, Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import CursorResult, Engine, Select, create_engine, event
+from sqlalchemy.orm import Mapped, Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -117,3 +117,21 @@ def upgrade(url: str, revision: str = "head") -> None:
 def affected(result: Any) -> int:
     """Rows changed by an UPDATE/DELETE (``Session.execute`` is typed as returning a plain Result)."""
     return int(cast(CursorResult[Any], result).rowcount)
+
+
+def id_page(
+    session: Session,
+    stmt: Select[Any],
+    id_column: Mapped[str],
+    *,
+    limit: int,
+    after: str | None,
+    newest_first: bool = True,
+) -> tuple[list[Any], bool]:
+    """A page of ``stmt``'s rows in id order, after the row with id ``after``, and whether more
+    follow. Ids are time-ordered (``shared.ids``), so "newest first after X" is simply "id < X"."""
+    if after:
+        stmt = stmt.where(id_column < after if newest_first else id_column > after)
+    key = id_column.desc() if newest_first else id_column.asc()
+    rows = list(session.scalars(stmt.order_by(key).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
+from shared.db import id_page
 from shared.errors import NotFound
 from shared.lifecycle.statuses import BATCH_TERMINAL
 from shared.models import BATCH_USAGE, Batch, Query
@@ -86,11 +87,7 @@ def list_batches(
     stmt = select(Batch).where(col(Batch.tenant_id) == tenant_id)
     if status:
         stmt = stmt.where(col(Batch.status) == status)
-    if after:
-        # Ids are time-ordered, so "newest first after X" is simply "id < X".
-        stmt = stmt.where(col(Batch.id) < after)
-    rows = list(session.scalars(stmt.order_by(col(Batch.id).desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return id_page(session, stmt, col(Batch.id), limit=limit, after=after)
 
 
 def batch_config(

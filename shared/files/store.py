@@ -24,7 +24,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
-from shared.db import write_transaction
+from shared.db import id_page, write_transaction
 from shared.errors import InvalidField, NotFound, PayloadTooLarge
 from shared.ids import new_id
 from shared.lifecycle.statuses import BATCH_TERMINAL
@@ -200,12 +200,7 @@ def list_files(
     )
     if purpose:
         stmt = stmt.where(col(StoredFile.purpose) == purpose)
-    newest_first = order != "asc"
-    if after:
-        stmt = stmt.where(col(StoredFile.id) < after if newest_first else col(StoredFile.id) > after)
-    key = col(StoredFile.id).desc() if newest_first else col(StoredFile.id).asc()
-    rows = list(session.scalars(stmt.order_by(key).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return id_page(session, stmt, col(StoredFile.id), limit=limit, after=after, newest_first=order != "asc")
 
 
 def iter_chunks(sessions: sessionmaker[Session], file_id: str) -> Iterator[bytes]:

@@ -12,6 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
+from shared.db import id_page
 from shared.errors import InvalidField, NotFound
 from shared.ids import new_id
 from shared.lifecycle.statuses import DeliveryStatus
@@ -136,10 +137,7 @@ def list_deliveries(
     stmt = select(WebhookDelivery).where(col(WebhookDelivery.tenant_id) == tenant_id)
     if status:
         stmt = stmt.where(col(WebhookDelivery.status) == status)
-    if after:
-        stmt = stmt.where(col(WebhookDelivery.id) < after)
-    rows = list(session.scalars(stmt.order_by(col(WebhookDelivery.id).desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return id_page(session, stmt, col(WebhookDelivery.id), limit=limit, after=after)
 
 
 def redeliver(session: Session, tenant_id: str, delivery_id: str) -> WebhookDelivery:
