@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import PrincipalDep, SessionDep
 from api.responses import ERROR_RESPONSES, JSONBytes
-from api.routes.usage import INSTANT, parse_instant
+from api.routes.usage import From, To, parse_instant
 from shared.analytics.reports import batch_report, leaderboard
 
 router = APIRouter(tags=["analytics"])
@@ -23,8 +23,8 @@ Confidence = Annotated[float, Query(gt=0.5, lt=1.0)]
 def models(
     session: SessionDep,
     principal: PrincipalDep,
-    from_: Annotated[str | None, Query(alias="from", max_length=40, pattern=INSTANT)] = None,
-    to: Annotated[str | None, Query(max_length=40, pattern=INSTANT)] = None,
+    from_: From = None,
+    to: To = None,
     confidence: Confidence = 0.95,
 ) -> JSONBytes:
     """The model leaderboard of the caller's tenant (every tenant's for the operator's admins)."""

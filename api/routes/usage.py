@@ -16,6 +16,9 @@ from shared.usage import month_start, usage_report
 router = APIRouter(tags=["usage"])
 # Unix seconds, or an ISO 8601 date with an optional time and zone.
 INSTANT = r"^(\d{1,12}|\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?)$"
+# A time range's query parameters (``?from=&to=``), each an INSTANT read by parse_instant.
+From = Annotated[str | None, Query(alias="from", max_length=40, pattern=INSTANT)]
+To = Annotated[str | None, Query(max_length=40, pattern=INSTANT)]
 
 
 def parse_instant(value: str | None, param: str, default: int) -> int:
@@ -37,8 +40,8 @@ def parse_instant(value: str | None, param: str, default: int) -> int:
 def usage(
     session: SessionDep,
     principal: PrincipalDep,
-    from_: Annotated[str | None, Query(alias="from", max_length=40, pattern=INSTANT)] = None,
-    to: Annotated[str | None, Query(max_length=40, pattern=INSTANT)] = None,
+    from_: From = None,
+    to: To = None,
     group_by: Literal["day", "provider", "model"] | None = None,
 ) -> JSONBytes:
     now = int(time.time())
