@@ -20,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-from benchmarks.common import ensure_redis, print_table
+from benchmarks.common import clear_namespace, ensure_redis, print_table
 from shared.budget import Budgets
 from shared.db import make_engine, make_sessionmaker, upgrade
 from shared.models import Tenant
@@ -70,9 +70,7 @@ def main() -> None:
             )
     finally:
         budgets.close()
-        found = list(client.scan_iter(f"{namespace}:*"))
-        if found:
-            client.delete(*found)
+        clear_namespace(client, namespace)
         redis_.stop()
     print_table(
         f"Budget check (admit + settle), {args.queries:,} queries, one thread",

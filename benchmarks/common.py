@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
 from rich.console import Console
 from rich.table import Table
 
@@ -114,3 +115,10 @@ __all__ = [
     "print_table",
     "proc_tree_sample",
 ]
+
+
+def clear_namespace(client: redis.Redis, namespace: str) -> None:
+    """Delete every Redis key of the benchmark's namespace (a few hundred at a time)."""
+    found = list(client.scan_iter(f"{namespace}:*", count=1000))
+    for i in range(0, len(found), 500):
+        client.delete(*found[i : i + 500])

@@ -22,6 +22,7 @@ from benchmarks.common import (
     Stack,
     bench_env,
     bench_key,
+    clear_namespace,
     ensure_redis,
     median,
     percentile,
@@ -104,9 +105,7 @@ def main() -> None:
                 stored = conn.execute("select count(*) from queries").fetchone()[0]
     finally:
         stack.stop()
-        keys = list(rdb.scan_iter(f"{namespace}:*"))
-        if keys:
-            rdb.delete(*keys)
+        clear_namespace(rdb, namespace)
         redis_.stop()
 
     med = median(timings)

@@ -41,6 +41,7 @@ from benchmarks.common import (
     Stack,
     bench_env,
     bench_key,
+    clear_namespace,
     ensure_redis,
     percentile,
     print_table,
@@ -98,9 +99,7 @@ class QueueProbe:
         return sum(int(n) for n in pipe.execute())
 
     def clear(self) -> None:
-        keys = list(self.client.scan_iter(f"{self.namespace}:*", count=1000))
-        for i in range(0, len(keys), 500):
-            self.client.delete(*keys[i : i + 500])
+        clear_namespace(self.client, self.namespace)
 
 
 def workers_sample(pids: list[int]) -> ProcSample:
