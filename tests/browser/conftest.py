@@ -66,7 +66,10 @@ output_usd_per_mtok = 10.00
 """
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running in the main thread
+# while it is open, and every later test that calls asyncio.run() there would fail with
+# "asyncio.run() cannot be called from a running event loop".
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     require(CHROMIUM.exists(), f"Chromium at {CHROMIUM}")
     with playwright_sync.sync_playwright() as pw:
