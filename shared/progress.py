@@ -233,7 +233,10 @@ class FinishedQuery:
 
 
 # A claim or a cancel is committed within this long of the time it stamps on its rows.
-CLAIM_SETTLE_S = 3
+# How far back a claim may still be committing: its ``started_at`` is stamped before its
+# transaction waits for the database, which a busy SQLite can stretch to seconds (CI under load saw
+# more than 3 s, and a follower then met a query below a cursor it had already passed).
+CLAIM_SETTLE_S = 15
 
 
 def settled_before(session: Session, batch_id: str, now: int) -> int:
