@@ -44,8 +44,10 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(stack: Stack
             str(EXAMPLES),
             "--seed",
             "1",
+            # One worker: with two, schemathesis itself failed now and then inside CPython 3.11's
+            # parser ("SystemError: AST constructor recursion depth mismatch"), not in our API.
             "--workers",
-            "2",
+            "1",
             "--phases",
             "examples,coverage,fuzzing",
         ],
