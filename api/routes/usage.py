@@ -19,6 +19,9 @@ INSTANT = r"^(\d{1,12}|\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]
 # A time range's query parameters (``?from=&to=``), each an INSTANT read by parse_instant.
 From = Annotated[str | None, Query(alias="from", max_length=40, pattern=INSTANT)]
 To = Annotated[str | None, Query(max_length=40, pattern=INSTANT)]
+# The ledger's timestamps are 32-bit integer columns in PostgreSQL, which refuses a larger bound
+# outright; every stored row lies inside this range, so clamping an instant changes no answer.
+INSTANT_MIN, INSTANT_MAX = 0, 2**31 - 1
 
 
 def parse_instant(value: str | None, param: str, default: int) -> int:
@@ -26,14 +29,14 @@ def parse_instant(value: str | None, param: str, default: int) -> int:
     if value is None:
         return default
     if value.isdigit():
-        return int(value)
+        return min(max(int(value), INSTANT_MIN), INSTANT_MAX)
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise InvalidField(f"{param} must be Unix seconds or an ISO 8601 date", param=param) from exc
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp())
+    return min(max(int(parsed.timestamp()), INSTANT_MIN), INSTANT_MAX)
 
 
 @router.get("/v1/usage", responses=ERROR_RESPONSES)
