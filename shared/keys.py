@@ -10,6 +10,7 @@ reads its layout; everyone else calls that module (admin views included).
 | ``{ns}:{queue}``, ``{ns}:{queue}.msgs`` | list, hash | dramatiq's Redis layout (``shared/queue``) |
 | ``{ns}:{queue}.DQ`` (+ ``.msgs``) | list, hash | dramatiq: the delay queue, a queue of its own |
 | ``{ns}:{queue}.XQ`` | sorted set | dramatiq: dead-lettered |
+| ``{ns}:fair:{queue}:…``, ``{ns}:fair:weights`` | lists, sorted sets, hashes | ``shared/queue/fair.py`` |
 | ``{ns}:workers``, ``{ns}:workers:since`` | sorted set, string | ``shared/liveness.py`` |
 | ``{ns}:breaker:{provider}`` (+ ``:probe``) | hash, string | ``shared/providers/breaker.py`` |
 | ``{ns}:ratelimit:{provider}:rpm`` / ``:tpm`` | string (GCRA) | ``shared/providers/ratelimit.py`` |
@@ -40,6 +41,22 @@ def queue(ns: str, name: str) -> str:
 def queue_messages(ns: str, name: str) -> str:
     """Message bodies by id: a message is here from enqueue until its ack."""
     return f"{ns}:{name}.msgs"
+
+
+def fair_lanes(ns: str, name: str) -> str:
+    """Prefix of a priority queue's fair lanes (``shared/queue/fair.py``): ``:tenants``,
+    ``:clock``, ``:pending``, ``:urgent``, ``:owner``, ``:t:{tenant}``, ``:b:{batch}``."""
+    return f"{ns}:fair:{name}"
+
+
+def fair_pending(ns: str, name: str) -> str:
+    """How many ids a queue's fair lanes hold (the lane scripts keep it as ``{prefix}:pending``)."""
+    return f"{fair_lanes(ns, name)}:pending"
+
+
+def fair_weights(ns: str) -> str:
+    """Tenant id → share weight, for every queue's lanes."""
+    return f"{ns}:fair:weights"
 
 
 def delayed_queue_name(name: str) -> str:

@@ -32,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.queue.broker import make_broker
 from shared.queue.contract import HIGH_RESERVE, HIGH_RESERVE_ENV, serves_high_and_lower, time_limit_ms
+from shared.queue.fair import refill
 from shared.settings import PRIORITIES, Settings
 
 # _RedisConsumer is private to dramatiq: the pin in pyproject.toml (dramatiq 2.2.x) is the
@@ -72,8 +73,9 @@ class _Budget:
 class _BudgetedConsumer(_RedisConsumer):
     """dramatiq's Redis consumer, fetching only what the process's budget allows.
 
-    Its ``__next__`` mirrors dramatiq 2.x's, with one change: when the budget is spent it
-    waits for an acknowledgement (not a growing back-off), so a freed thread is refilled at once.
+    Its ``__next__`` mirrors dramatiq 2.x's, with two changes: when the budget is spent it
+    waits for an acknowledgement (not a growing back-off), so a freed thread is refilled at once;
+    and each fetch first tops the queue up from the fair lanes (``shared/queue/fair.py``).
     """
 
     def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int, budget: _Budget):
@@ -100,7 +102,9 @@ class _BudgetedConsumer(_RedisConsumer):
                     if want <= 0:
                         self.budget.changed.wait(self.timeout / 1000)
                         return None
-                    # Fetched under the lock, so two consumers cannot both spend the same room.
+                    # Fetched under the lock, so two consumers cannot both spend the same room;
+                    # the fair lanes decide, now, whose work that room goes to.
+                    refill(self.broker, self.queue_name, want)
                     self.message_cache = self.broker.do_fetch(self.queue_name, want)
                 if self.message_cache:
                     continue

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import redis
 from dramatiq.brokers.redis import RedisBroker
@@ -35,9 +37,10 @@ from sqlmodel import col
 from shared.lifecycle.statuses import QueryStatus
 from shared.lifecycle.transitions import finalize_stragglers, hand_back, stamp_enqueued
 from shared.liveness import DEAD_AFTER_S, dead_workers
-from shared.models import Query
+from shared.models import Batch, Query
 from shared.queue.contract import query_message
 from shared.queue.enqueue import enqueue_messages
+from shared.queue.fair import Lane
 from shared.queue.inspect import messages_exist, run_maintenance
 
 log = logging.getLogger("conclave.scheduler")
@@ -74,7 +77,7 @@ class Reconciler:
     def _recover_lost_messages(self, now: int) -> int:
         with self.sessions() as session:
             rows = session.execute(
-                select(col(Query.id), col(Query.priority))
+                select(col(Query.id), col(Query.priority), col(Query.batch_id), col(Query.tenant_id))
                 .where(
                     col(Query.id) > self._cursor,
                     col(Query.status) == QueryStatus.QUEUED,
@@ -93,7 +96,13 @@ class Reconciler:
         ]
         if not lost:
             return 0
-        enqueue_messages(self.broker, (query_message(qid, priority) for qid, priority in lost))
+        lost_ids = {qid for qid, _ in lost}
+        lanes = self._lanes([r for r in rows if r.id in lost_ids])
+        enqueue_messages(
+            self.broker,
+            (query_message(qid, priority) for qid, priority in lost),
+            lambda m: lanes[m.message_id],
+        )
         with self.sessions.begin() as session:
             stamp_enqueued(session, [q for q, _ in lost], now)
         log.info("re-enqueued %d queries whose messages were lost", len(lost))
@@ -102,7 +111,14 @@ class Reconciler:
     def _recover_dead_holders(self, now: int) -> int:
         with self.sessions() as session:
             rows = session.execute(
-                select(col(Query.id), col(Query.priority), col(Query.worker_id), col(Query.lease_expires_at))
+                select(
+                    col(Query.id),
+                    col(Query.priority),
+                    col(Query.worker_id),
+                    col(Query.lease_expires_at),
+                    col(Query.batch_id),
+                    col(Query.tenant_id),
+                )
                 .where(col(Query.status) == QueryStatus.RUNNING)
                 .limit(SCAN_LIMIT)
             ).all()
@@ -123,9 +139,27 @@ class Reconciler:
             moved = hand_back(session, [(r.id, r.worker_id) for r in orphans], now, dead=sorted(dead))
         handed_back = [(qid, priorities[qid]) for qid in moved]
         if handed_back:
-            enqueue_messages(self.broker, (query_message(qid, priority) for qid, priority in handed_back))
+            moved_ids = set(moved)
+            lanes = self._lanes([r for r in orphans if r.id in moved_ids])
+            enqueue_messages(
+                self.broker,
+                (query_message(qid, priority) for qid, priority in handed_back),
+                lambda m: lanes[m.message_id],
+            )
             log.warning("handed %d queries of dead workers back to the queue", len(handed_back))
         return len(handed_back)
+
+    def _lanes(self, rows: Sequence[Any]) -> dict[str, Lane]:
+        """Each query's fair lane (its batch's, due at the batch's window end), for re-sends: they
+        take their turn among the tenants' lanes like the first send (the weight Redis has)."""
+        batch_ids = {r.batch_id for r in rows}
+        with self.sessions() as session:
+            deadlines = dict(
+                session.execute(
+                    select(col(Batch.id), col(Batch.expires_at)).where(col(Batch.id).in_(batch_ids))
+                ).all()
+            )
+        return {r.id: Lane(r.tenant_id, r.batch_id, deadlines.get(r.batch_id, 0)) for r in rows}
 
     def _dramatiq_maintenance(self) -> None:
         try:

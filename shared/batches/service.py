@@ -35,6 +35,7 @@ from shared.models import BATCHES, QUERIES, Batch, Query
 from shared.providers.config import Catalog
 from shared.queue.contract import query_message
 from shared.queue.enqueue import EnqueueError, discard_messages, enqueue_messages
+from shared.queue.fair import Lane, drop_lanes
 from shared.quota import Reservation, reserve_daily_quota
 from shared.schemas import BatchCreate
 from shared.settings import Priority, Settings, TierLimits
@@ -167,6 +168,7 @@ def submit(
             fingerprint,
             trace,
             reservation,
+            limits.weight if limits is not None else None,
         )
     except BaseException:
         if reservation is not None:
@@ -186,6 +188,7 @@ def _store_and_enqueue(
     fingerprint: str | None,
     trace: dict[str, str] | None,
     reservation: Reservation | None,
+    weight: float | None,
 ) -> tuple[Batch, Counts, bool]:
     now = int(time.time())
     batch = _new_batch(tenant_id, admitted, now, idempotency_key, fingerprint)
@@ -238,7 +241,9 @@ def _store_and_enqueue(
         return replayed
 
     try:
-        enqueue_messages(broker, (query_message(qid, admitted.priority, trace) for qid in query_ids))
+        # Into the batch's fair lane: its turn among its tenant's batches and the other tenants'.
+        lane = Lane(tenant_id, batch.id, batch.expires_at, weight)
+        enqueue_messages(broker, (query_message(qid, admitted.priority, trace) for qid in query_ids), lane)
     except RedisError as exc:
         log.warning(
             "enqueue of batch %s failed (%s: %s); removing its rows", batch.id, type(exc).__name__, exc
@@ -263,6 +268,7 @@ def _discard_sent(broker: RedisBroker, batch_id: str, exc: RedisError) -> None:
         return
     try:
         removed = discard_messages(broker, exc.sent)
+        drop_lanes(broker, [batch_id])
     except RedisError as again:
         log.warning("batch %s: its sent messages stay queued (%s)", batch_id, type(again).__name__)
     else:

@@ -7,7 +7,7 @@ run per message (~20,000/s); this is one script run per 1,000 messages.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import dramatiq
@@ -18,6 +18,8 @@ from dramatiq.middleware import MiddlewareError
 from redis.exceptions import NoScriptError, RedisError
 
 from shared import keys
+from shared.queue import fair
+from shared.queue.fair import Lane
 
 # Lua's unpack and Redis argument lists are bounded; a pipeline flush every few thousand
 # messages keeps memory flat for a 50,000-query batch.
@@ -70,24 +72,32 @@ class EnqueueError(RedisError):
         self.sent = sent
 
 
-def enqueue_messages(broker: RedisBroker, messages: Iterable[Message]) -> int:
+def enqueue_messages(
+    broker: RedisBroker,
+    messages: Iterable[Message],
+    lane: Lane | Callable[[Message], Lane | None] | None = None,
+) -> int:
     """Enqueue many messages: one script run per 1,000 messages of a queue, one Redis round
     trip per ``ENQUEUE_CHUNK``, instead of a round trip (``actor.send()``, ~4,000/s) or a script
     run (dramatiq's dispatch in a pipeline, ~20,000/s) per message. The broker's enqueue hooks
     still run for every message so middleware sees exactly what ``send()`` would show it.
+
+    ``lane`` (one for all, or per message): the fair lane the messages wait in for their turn
+    (``shared/queue/fair.py``); without one they go straight onto their queue.
 
     A Redis error raises ``EnqueueError``, naming what may have been sent already: the messages
     before it stay queued unless the caller discards them (``discard_messages``).
     """
     script = bulk_script(broker)
     sent = 0
-    by_queue: dict[str, list[Message]] = {}
+    by_queue: dict[tuple[str, Lane | None], list[Message]] = {}
     pending = 0
     handed: dict[str, list[str]] = {}
     before = _hooks(broker, "before_enqueue")
+    lane_of = lane if callable(lane) else (lambda _m: lane)
 
     def flush() -> int:
-        for queue_name, queued in by_queue.items():
+        for (queue_name, _), queued in by_queue.items():
             handed.setdefault(queue_name, []).extend(m.options["redis_message_id"] for m in queued)
         try:
             return _flush(broker, script, by_queue)
@@ -98,7 +108,7 @@ def enqueue_messages(broker: RedisBroker, messages: Iterable[Message]) -> int:
         if "redis_message_id" not in message.options:
             message = message.copy(options={"redis_message_id": str(message.message_id)})
         _emit(broker, before, message)
-        by_queue.setdefault(message.queue_name, []).append(message)
+        by_queue.setdefault((message.queue_name, lane_of(message)), []).append(message)
         pending += 1
         if pending >= ENQUEUE_CHUNK:
             sent += flush()
@@ -116,6 +126,7 @@ def discard_messages(broker: RedisBroker, sent: dict[str, list[str]]) -> int:
         script = broker.client.register_script(_DISCARD)
         broker._conclave_discard = script  # type: ignore[attr-defined]
     pipe = broker.client.pipeline(transaction=False)
+    # A lane keeps ids whose body is gone: its refill skips them.
     for queue_name, ids in sent.items():
         queue_keys = [
             keys.queue(broker.namespace, queue_name),
@@ -141,23 +152,36 @@ def bulk_script(broker: RedisBroker) -> Any:
     return script
 
 
-def _flush(broker: RedisBroker, script: Any, by_queue: dict[str, list[Message]]) -> int:
+def _flush(broker: RedisBroker, script: Any, by_queue: dict[tuple[str, Lane | None], list[Message]]) -> int:
     pipe = broker.client.pipeline(transaction=False)
-    for queue_name, queued in by_queue.items():
-        full = keys.queue(broker.namespace, queue_name)
+    lane_sha = ""
+    if any(lane for _, lane in by_queue):
+        # A pipeline mixing two scripts must not meet NOSCRIPT for one and run the other: load
+        # both on this process's first use (after a Redis restart both are gone: nothing runs).
+        if not broker.__dict__.get("_conclave_scripts_loaded"):
+            preload(broker)
+            broker.__dict__["_conclave_scripts_loaded"] = True
+        lane_sha = fair.enqueue_script_sha(broker)
+    for (queue_name, lane), queued in by_queue.items():
         for i in range(0, len(queued), BULK_CHUNK):
             args: list[str | bytes] = []
             for message in queued[i : i + BULK_CHUNK]:
                 args.append(message.options["redis_message_id"])
                 # orjson writes the same compact JSON as dramatiq's encoder, several times faster.
                 args.append(orjson.dumps(message.asdict()))
-            pipe.evalsha(script.sha, 2, full, keys.queue_messages(broker.namespace, queue_name), *args)
+            if lane is None:
+                full = keys.queue(broker.namespace, queue_name)
+                pipe.evalsha(script.sha, 2, full, keys.queue_messages(broker.namespace, queue_name), *args)
+            else:
+                lane_keys = fair.lane_prefix_keys(broker, queue_name)
+                pipe.evalsha(lane_sha, 3, *lane_keys, *fair.lane_enqueue_args(lane), *args)
     try:
         pipe.execute()
     except NoScriptError:
-        # Redis restarted and forgot the script: nothing in the pipeline ran (every command is
-        # this script), so load it and send the same pipeline again.
+        # Redis restarted and forgot the scripts: nothing in the pipeline ran (every command is
+        # one of them), so load them and send the same pipeline again.
         script.sha = broker.client.script_load(_BULK_ENQUEUE)
+        fair.load_enqueue_script(broker)
         return _flush(broker, script, by_queue)
     sent = 0
     for queued in by_queue.values():
@@ -185,5 +209,6 @@ def _emit(broker: RedisBroker, hooks: list[Any], message: Message) -> None:
 
 
 def preload(broker: RedisBroker) -> None:
-    """Load the bulk script now, so the first enqueue does not meet NOSCRIPT (raises RedisError)."""
+    """Load the bulk scripts now, so the first enqueue does not meet NOSCRIPT (raises RedisError)."""
     bulk_script(broker).sha = broker.client.script_load(_BULK_ENQUEUE)
+    fair.load_enqueue_script(broker)

@@ -17,7 +17,7 @@ from shared.settings import PRIORITIES, Priority
 @dataclass(frozen=True)
 class QueueStats:
     queue: str
-    depth: int  # waiting in the list
+    depth: int  # waiting: on the queue's list or in its fair lanes
     delayed: int
     dead_lettered: int
     in_flight: int  # stored but not waiting: held by workers
@@ -32,10 +32,13 @@ def messages_exist(broker: RedisBroker, items: list[tuple[str, Priority]]) -> li
 
 
 def queue_depths(broker: RedisBroker) -> dict[str, int]:
+    """Messages waiting per priority: on the queue's list or in its fair lanes (not yet fetched)."""
     pipe = broker.client.pipeline(transaction=False)
     for priority in PRIORITIES:
         pipe.llen(keys.queue(broker.namespace, priority))
-    return dict(zip(PRIORITIES, pipe.execute(), strict=True))
+        pipe.get(keys.fair_pending(broker.namespace, priority))
+    results = pipe.execute()
+    return {p: results[2 * i] + max(0, int(results[2 * i + 1] or 0)) for i, p in enumerate(PRIORITIES)}
 
 
 def queue_stats(broker: RedisBroker) -> list[QueueStats]:
@@ -43,6 +46,7 @@ def queue_stats(broker: RedisBroker) -> list[QueueStats]:
     pipe = broker.client.pipeline(transaction=False)
     for p in PRIORITIES:
         pipe.llen(keys.queue(ns, p))
+        pipe.get(keys.fair_pending(ns, p))
         # A delay queue is a queue of its own in dramatiq's layout: its stored messages are
         # every delayed one, waiting or held by the consumer that releases them when due.
         pipe.hlen(keys.queue_messages(ns, keys.delayed_queue_name(p)))
@@ -51,7 +55,8 @@ def queue_stats(broker: RedisBroker) -> list[QueueStats]:
     results = pipe.execute()
     stats = []
     for i, p in enumerate(PRIORITIES):
-        depth, delayed, dead, stored = results[i * 4 : i * 4 + 4]
+        listed, laned, delayed, dead, stored = results[i * 5 : i * 5 + 5]
+        depth = listed + max(0, int(laned or 0))
         stats.append(QueueStats(p, depth, delayed, dead, max(0, stored - depth)))
     return stats
 

@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 
+from shared.keys import fair_pending
 from shared.sim import SimServer
 from shared.stack import free_port, terminate
 from shared.tenants import create_key
@@ -347,7 +348,11 @@ def test_operations_page_shows_queue_depths_and_an_open_circuit(
                 json={"queries": tagged_queries(n, prefix=f"ops{priority}"), "priority": priority},
             )
             assert created.status_code == 202, created.text
-    depths = {p: deployment.redis.llen(f"{ns}:{p}") for p in ("high", "normal", "low")}
+    # Waiting = on the queue's list or in its fair lanes (shared/queue/fair.py).
+    depths = {
+        p: deployment.redis.llen(f"{ns}:{p}") + int(deployment.redis.get(fair_pending(ns, p)) or 0)
+        for p in ("high", "normal", "low")
+    }
     assert depths["high"] >= 17 and depths["low"] >= 23
     b: Browse = browse()
     b.sign_in(key)

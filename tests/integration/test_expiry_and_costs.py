@@ -29,6 +29,7 @@ from scheduler.jobs.costs import budget_checks, daily_summaries
 from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.webhooks import Dispatcher
 from shared.batches.results import iter_results
+from shared.keys import fair_pending
 from shared.models import PROVIDER_CALLS, Batch, Notice, Query, Tenant, WebhookDelivery
 from shared.settings import Settings
 from shared.tenants import IssuedKey, issue_key
@@ -523,13 +524,17 @@ def test_intake_refuses_new_batches_once_the_months_budget_is_spent(
     issued = issue(own_sessions, tier="free")
     headers = bearer(issued)
     batch = {"queries": [{"custom_id": "a", "prompt": "p"}, {"custom_id": "b", "prompt": "q"}]}
-    queue = f"{own_settings.queue_namespace}:normal"
+    ns = own_settings.queue_namespace
+
+    def waiting() -> int:  # on the normal queue's list or in its fair lanes
+        return int(rclient.llen(f"{ns}:normal")) + int(rclient.get(fair_pending(ns, "normal")) or 0)
 
     assert api.post("/v1/batches", json=batch, headers=headers).status_code == 202
     add_calls(own_sessions, issued.tenant_id, [(int(time.time()), 6.0)])
     assert api.post("/v1/batches", json=batch, headers=headers).status_code == 202  # 6 of 10 spent
     assert _stored(own_sessions, issued.tenant_id) == (2, 4)
-    depth = rclient.llen(queue)
+    depth = waiting()
+    assert depth == 4
 
     add_calls(own_sessions, issued.tenant_id, [(int(time.time()), 4.0)])  # 10 of 10: spent
     refused = api.post("/v1/batches", json=batch, headers=headers)
@@ -541,7 +546,7 @@ def test_intake_refuses_new_batches_once_the_months_budget_is_spent(
     replay = api.post("/v1/batches", json=batch, headers={**headers, "Idempotency-Key": "k-1"})
     assert replay.status_code == 402
     assert _stored(own_sessions, issued.tenant_id) == (2, 4)
-    assert rclient.llen(queue) == depth
+    assert waiting() == depth
     listed = api.get("/v1/batches", headers=headers).json()["data"]
     assert len(listed) == 2
 

@@ -31,6 +31,8 @@ from shared.lifecycle.transitions import finalize_if_done
 from shared.models import Batch, Query
 from shared.providers.config import load_catalog
 from shared.queue.broker import make_broker
+from shared.queue.fair import waiting_ids
+from shared.queue.inspect import queue_depths
 from shared.schemas import BatchCreate
 from shared.settings import Priority, Settings
 from tests.conftest import new_key
@@ -121,11 +123,10 @@ class Harness:
             return {q.id: q for q in s.scalars(select(Query).where(col(Query.batch_id) == batch_id))}
 
     def depth(self, priority: Priority) -> int:
-        return int(self.redis.llen(f"{self.ns}:{priority}"))
+        return queue_depths(self.broker)[priority]
 
     def queued_ids(self, priority: Priority) -> list[str]:
-        raw: list[bytes] = self.redis.lrange(f"{self.ns}:{priority}", 0, -1)  # type: ignore[assignment]
-        return [m.decode() for m in raw]
+        return waiting_ids(self.broker, priority)
 
     def message(self, priority: Priority, query_id: str) -> Message:
         raw = self.redis.hget(f"{self.ns}:{priority}.msgs", query_id)
@@ -135,6 +136,8 @@ class Harness:
     def lose_messages(self, priority: Priority) -> None:
         """What a Redis restart without persistence (or FLUSHALL) does to one queue."""
         self.redis.delete(f"{self.ns}:{priority}", f"{self.ns}:{priority}.msgs")
+        for key in self.redis.scan_iter(f"{self.ns}:fair:{priority}:*"):
+            self.redis.delete(key)
         assert self.depth(priority) == 0
 
     def claim(self, query_id: str, worker: str, now: int, lease_s: int = LEASE_S) -> Any:
