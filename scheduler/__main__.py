@@ -18,6 +18,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from scheduler.jobs.analytics import fold_analytics
 from scheduler.jobs.costs import budget_checks, daily_summaries
+from scheduler.jobs.deadlines import promote_at_risk
 from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.reconcile import Reconciler
 from scheduler.jobs.webhooks import Dispatcher
@@ -38,6 +39,7 @@ log = logging.getLogger("conclave.scheduler")
 INTERVALS = {
     "webhooks": 1,
     "reconcile": 5,
+    "deadlines": 5,
     "expiry": 10,
     "budgets": 60,
     "daily_summary": 300,
@@ -73,6 +75,7 @@ def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
             metrics=MetricsBuffer(broker.client, settings.queue_namespace),
         ).run,
         "reconcile": Reconciler(sessions, broker).run,
+        "deadlines": lambda: promote_at_risk(sessions, broker),
         "expiry": lambda: expire_batches(sessions),
         "budgets": lambda: budget_checks(sessions, settings),
         "daily_summary": lambda: daily_summaries(sessions),
