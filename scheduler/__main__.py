@@ -21,6 +21,7 @@ from scheduler.jobs.costs import budget_checks, daily_summaries
 from scheduler.jobs.deadlines import promote_at_risk
 from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.reconcile import Reconciler
+from scheduler.jobs.retention import purge_old_batches
 from scheduler.jobs.webhooks import Dispatcher
 from scheduler.leader import LeaderLock
 from shared import keys
@@ -46,6 +47,7 @@ INTERVALS = {
     "feeds": 5,
     "files": 10,
     "analytics": 5,
+    "retention": 60,
 }
 
 
@@ -76,11 +78,14 @@ def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
         ).run,
         "reconcile": Reconciler(sessions, broker).run,
         "deadlines": lambda: promote_at_risk(sessions, broker),
-        "expiry": lambda: expire_batches(sessions),
+        "expiry": lambda: expire_batches(sessions, broker=broker),
         "budgets": lambda: budget_checks(sessions, settings),
         "daily_summary": lambda: daily_summaries(sessions),
         "files": lambda: (purge_expired(sessions), measure_ended_views(sessions)),
         "analytics": lambda: fold_analytics(sessions),
+        "retention": lambda: purge_old_batches(
+            sessions, broker.client, settings.queue_namespace, settings.retention_days
+        ),
         "feeds": lambda: import_due_feeds(
             sessions,
             allow_private=settings.webhook_allow_private,

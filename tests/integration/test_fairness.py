@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
 from scheduler.jobs.deadlines import promote_at_risk
+from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.reconcile import GRACE_S, reconcile
 from shared.batches.service import create_batch
 from shared.lifecycle.statuses import QueryStatus
@@ -192,3 +193,15 @@ def test_lanes_lost_with_redis_are_rebuilt_by_reconciliation(tenants: Tenants, r
     assert sorted(waiting_ids(tenants.broker, "normal")) == sorted(tenants.query_batch)
     # And they wait in their tenants' lanes again, not in one FIFO.
     assert Counter(tenants.fetch(20)) == {first: 10, second: 10}
+
+
+def test_an_expired_batch_leaves_the_lanes(tenants: Tenants) -> None:
+    a = tenants.new()
+    old = tenants.batch(a, 40, window="10m")
+    live = tenants.batch(a, 5, window="24h")
+    with tenants.sessions() as s:
+        expires_at = s.get(Batch, old).expires_at  # type: ignore[union-attr]
+    assert expire_batches(tenants.sessions, now=expires_at + 1, broker=tenants.broker) == [old]
+    # Its 40 stale messages are gone: the tenant's live batch is next, not behind them.
+    assert len(waiting_ids(tenants.broker, "normal")) == 5
+    assert tenants.fetch(5) == [live] * 5
