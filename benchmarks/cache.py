@@ -10,7 +10,6 @@ The models are priced (a providers file of its own) so that what the cache saves
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -19,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import Stack, bench_env, bench_key, ensure_redis, print_table
+from benchmarks.common import Stack, bench_env, bench_key, ensure_redis, print_table, stack_parser
 from shared.sim import SimConfig, SimServer
 
 PRICES = {"alpha": (1.0, 2.0), "beta": (3.0, 5.0), "gamma": (0.5, 0.5), "chairman": (2.0, 4.0)}
@@ -53,12 +52,8 @@ def sim_calls(sim_url: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stack_parser(__doc__, latency_ms=500.0, threads=128)
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--latency-ms", type=float, default=500.0)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=128)
-    parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
 
     redis_ = ensure_redis(os.environ.get("CONCLAVE_REDIS_URL", "redis://127.0.0.1:6379/0"))

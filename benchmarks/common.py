@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import tempfile
@@ -65,6 +66,19 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def stack_parser(
+    doc: str | None, *, latency_ms: float, threads: int, processes: int = 2
+) -> argparse.ArgumentParser:
+    """A benchmark's command line with the options of the stack it starts: the simulated provider's
+    latency, the worker pool (processes × threads) and the database (default: SQLite, throwaway)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latency-ms", type=float, default=latency_ms, help="simulated provider latency")
+    parser.add_argument("--processes", type=int, default=processes, help="worker processes")
+    parser.add_argument("--threads", type=int, default=threads, help="threads per worker process")
+    parser.add_argument("--database-url", default=None, help="e.g. postgresql+psycopg://…")
+    return parser
+
+
 def bench_env(
     redis_url: str, database_url: str | None = None, sim_url: str = "http://127.0.0.1:1"
 ) -> dict[str, str]:
@@ -114,6 +128,7 @@ __all__ = [
     "percentile",
     "print_table",
     "proc_tree_sample",
+    "stack_parser",
 ]
 
 

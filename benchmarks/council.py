@@ -10,7 +10,6 @@ ceil(N / in_flight) × 3 × latency, with in_flight = processes × threads.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -25,17 +24,14 @@ from benchmarks.common import (
     percentile,
     print_table,
     proc_tree_sample,
+    stack_parser,
 )
 from shared.sim import SimConfig, SimServer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stack_parser(__doc__, latency_ms=0.0, threads=64)
     parser.add_argument("--queries", type=int, default=2000)
-    parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=64)
-    parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
 
     redis_ = ensure_redis(os.environ.get("CONCLAVE_REDIS_URL", "redis://127.0.0.1:6379/0"))

@@ -16,7 +16,6 @@ Makespan runs from the POST to the poll that sees the batch ``completed``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 import uuid
@@ -34,6 +33,7 @@ from benchmarks.common import (
     ensure_redis,
     percentile,
     print_table,
+    stack_parser,
 )
 from shared.sim import SimConfig, SimServer
 
@@ -109,18 +109,13 @@ def cancel(client: httpx.Client, key: str, batch_id: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    # The defaults are the Procfile's `worker` pool (2 processes × 64 threads).
+    parser = stack_parser(__doc__, latency_ms=1000.0, threads=64)
     parser.add_argument("--backlog", type=int, default=3000, help="tenant A's queries")
     parser.add_argument("--small", type=int, default=50, help="tenant B's queries")
     parser.add_argument("--delay", type=float, default=3.0, help="seconds between A's POST and B's")
-    parser.add_argument("--latency-ms", type=float, default=1000.0)
-    parser.add_argument("--processes", type=int, default=2, help="the Procfile's `worker` pool")
-    parser.add_argument("--threads", type=int, default=64)
     parser.add_argument("--share-queries", type=int, default=1500, help="each weighted tenant's backlog")
     parser.add_argument("--share-seconds", type=float, default=20.0)
-    parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
 
     redis_ = ensure_redis(os.environ.get("CONCLAVE_REDIS_URL", "redis://127.0.0.1:6379/0"))

@@ -28,7 +28,6 @@ that no server logged is a connection the stopped provider refused.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -49,6 +48,7 @@ from benchmarks.common import (
     ensure_redis,
     print_table,
     proc_tree_sample,
+    stack_parser,
 )
 from shared import keys
 from shared.db import make_engine, make_sessionmaker
@@ -87,19 +87,13 @@ def logged_calls(path: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = stack_parser(__doc__, latency_ms=200.0, threads=64)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--outage-s", type=float, default=600.0, help="how long p2 is down")
     parser.add_argument("--outage-after-s", type=float, default=3.0, help="seconds after the POST")
-    parser.add_argument("--latency-ms", type=float, default=200.0)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=64)
     parser.add_argument(
         "--give-up-s", type=float, default=1800.0, help="stop waiting this long after the outage ends"
     )
-    parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
 
     redis_ = ensure_redis(os.environ.get("CONCLAVE_REDIS_URL", "redis://127.0.0.1:6379/0"))

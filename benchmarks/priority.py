@@ -25,7 +25,6 @@ no high query ``queued`` in the database (a worker thread has started every one)
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import time
@@ -46,6 +45,7 @@ from benchmarks.common import (
     percentile,
     print_table,
     proc_tree_sample,
+    stack_parser,
 )
 from shared.sim import SimConfig, SimServer
 
@@ -241,15 +241,9 @@ def milestone(value: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = stack_parser(__doc__, latency_ms=2000.0, threads=256)
     parser.add_argument("--low", type=int, default=10_000, help="queries in the low-priority backlog")
     parser.add_argument("--high", type=int, default=50, help="queries in the measured high-priority batch")
-    parser.add_argument("--latency-ms", type=float, default=2000.0, help="simulated provider latency")
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=256)
-    parser.add_argument("--database-url", default=None)
     parser.add_argument("--interval", type=float, default=0.2, help="poll interval in seconds")
     parser.add_argument(
         "--saturation",
