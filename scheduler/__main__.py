@@ -83,9 +83,7 @@ def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
         "daily_summary": lambda: daily_summaries(sessions),
         "files": lambda: (purge_expired(sessions), measure_ended_views(sessions)),
         "analytics": lambda: fold_analytics(sessions),
-        "retention": lambda: purge_old_batches(
-            sessions, broker.client, settings.queue_namespace, settings.retention_days
-        ),
+        "retention": lambda: purge_old_batches(sessions, broker, settings.retention_days),
         "feeds": lambda: import_due_feeds(
             sessions,
             allow_private=settings.webhook_allow_private,

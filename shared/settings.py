@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     max_file_lines: int = Field(default=50_000, ge=1)
     file_expiry_days: int = Field(default=30, ge=1)
+    # Days an ended batch's content is kept before the scheduler deletes it as DELETE
+    # /v1/batches/{id} does (SPEC §17, scheduler/jobs/retention.py); the cost ledger stays.
+    retention_days: int = Field(default=30, ge=1)
 
     # Database connections per process (and as many again in overflow).
     db_pool_size: int = Field(default=8, ge=1)
