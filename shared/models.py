@@ -179,6 +179,23 @@ class BatchUsage(SQLModel, table=True):
     saved_usd: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})
 
 
+class BatchCounts(SQLModel, table=True):
+    """A batch's finished queries by status, kept by the transitions that finish them
+    (``shared.lifecycle.transitions``: outcomes, cancel, expiry) in the same transaction, so they
+    equal a count of its query rows exactly. A batch's row is created by its first finished
+    query (an upsert): none yet means zeros. Queued and running are not kept here: running is
+    counted from ``ix_queries_batch_status`` (bounded by what is in flight, not by the batch)
+    and queued is the rest of ``batches.total`` (``shared.batches.read.counts_for``)."""
+
+    __tablename__ = "batch_counts"
+
+    batch_id: str = Field(primary_key=True, max_length=40)
+    succeeded: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    failed: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    cancelled: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    expired: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+
+
 class WebhookEndpoint(SQLModel, table=True):
     """A tenant-wide endpoint that receives its subscribed events (SPEC §3.2)."""
 
@@ -327,6 +344,7 @@ BATCHES: Table = Batch.__table__  # type: ignore[attr-defined]
 PROVIDER_CALLS: Table = ProviderCall.__table__  # type: ignore[attr-defined]
 DELIVERIES: Table = WebhookDelivery.__table__  # type: ignore[attr-defined]
 BATCH_USAGE: Table = BatchUsage.__table__  # type: ignore[attr-defined]
+BATCH_COUNTS: Table = BatchCounts.__table__  # type: ignore[attr-defined]
 FILES: Table = StoredFile.__table__  # type: ignore[attr-defined]
 FILE_CHUNKS: Table = FileChunk.__table__  # type: ignore[attr-defined]
 

@@ -1,7 +1,12 @@
 """The read side of batches: status counts, the batch object (SPEC §3.1), lists, the ETA.
 
-Counts are derived from the query rows in one grouped statement, so they are always
-consistent with the queries themselves.
+Counts cost the same however large the batch: finished queries by status are counters
+(``batch_counts``) that the lifecycle transitions keep in the transaction that moves the queries
+(``shared.lifecycle.transitions``), running ones are counted from ``ix_queries_batch_status``
+(as many as are in flight, not as the batch holds) and queued ones are the rest of the batch's
+``total``. All of it is read in one statement, so one snapshot: as consistent with the query
+rows as the former ``GROUP BY`` over all of them, which cost 20.6 ms p50 a poll on a running
+50,000-query batch and a million rows for a page of 20 such batches (``benchmarks/scale.py``).
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from sqlmodel import col
 
 from shared.db import id_page
 from shared.errors import NotFound
-from shared.lifecycle.statuses import BATCH_TERMINAL
-from shared.models import BATCH_USAGE, Batch, Query
+from shared.lifecycle.statuses import BATCH_TERMINAL, QueryStatus
+from shared.models import BATCH_COUNTS, BATCH_USAGE, BATCHES, QUERIES, Batch
 
 
 @dataclass(frozen=True)
@@ -42,35 +47,62 @@ class Counts:
 
 
 def counts_for(session: Session, batch_ids: Sequence[str]) -> dict[str, Counts]:
-    """Per-batch status counts (one grouped query over the queries) and usage (the batches' ledger
-    totals)."""
-    acc: dict[str, dict[str, Any]] = {bid: {} for bid in batch_ids}
+    """Per-batch status counts and usage (the batches' ledger totals), in one statement."""
     if not batch_ids:
         return {}
+    b, c, u, q = BATCHES.c, BATCH_COUNTS.c, BATCH_USAGE.c, QUERIES.c
+    running = (
+        select(func.count())
+        .where(q.batch_id == b.id, q.status == QueryStatus.RUNNING)
+        .correlate(BATCHES)
+        .scalar_subquery()
+    )
     rows = session.execute(
         select(
-            col(Query.batch_id),
-            col(Query.status),
-            func.count(),
+            b.id,
+            b.total,
+            c.succeeded,
+            c.failed,
+            c.cancelled,
+            c.expired,
+            running.label("running"),
+            # Usage from the batch's ledger totals (shared/ledger.py): every call it paid for,
+            # including those of queries that expired, were cancelled late or taken over, and
+            # abandoned ones.
+            u.input_tokens,
+            u.output_tokens,
+            u.cost_usd,
+            u.cache_hits,
+            u.saved_usd,
         )
-        .where(col(Query.batch_id).in_(batch_ids))
-        .group_by(col(Query.batch_id), col(Query.status))
+        .select_from(
+            BATCHES.outerjoin(BATCH_COUNTS, c.batch_id == b.id).outerjoin(BATCH_USAGE, u.batch_id == b.id)
+        )
+        .where(b.id.in_(batch_ids))
     ).all()
-    for batch_id, status, n in rows:
-        d = acc[batch_id]
-        d[status] = d.get(status, 0) + n
-        d["total"] = d.get("total", 0) + n
-    # Usage from the batch's ledger totals (shared/ledger.py): every call it paid for, including
-    # those of queries that expired, were cancelled late or taken over, and abandoned ones.
-    for usage in session.execute(select(BATCH_USAGE).where(BATCH_USAGE.c.batch_id.in_(batch_ids))).all():
-        d = acc[usage.batch_id]
-        d["input_tokens"], d["output_tokens"], d["cost_usd"] = (
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.cost_usd,
+    found = {}
+    for r in rows:
+        succeeded, failed, cancelled, expired = (
+            r.succeeded or 0,
+            r.failed or 0,
+            r.cancelled or 0,
+            r.expired or 0,
         )
-        d["cache_hits"], d["cost_saved_usd"] = usage.cache_hits, usage.saved_usd
-    return {bid: Counts(**d) for bid, d in acc.items()}
+        found[r.id] = Counts(
+            total=r.total,
+            succeeded=succeeded,
+            failed=failed,
+            queued=max(0, r.total - succeeded - failed - cancelled - expired - r.running),
+            running=r.running,
+            cancelled=cancelled,
+            expired=expired,
+            input_tokens=r.input_tokens or 0,
+            output_tokens=r.output_tokens or 0,
+            cost_usd=r.cost_usd or 0.0,
+            cache_hits=r.cache_hits or 0,
+            cost_saved_usd=r.saved_usd or 0.0,
+        )
+    return {bid: found.get(bid, Counts()) for bid in batch_ids}
 
 
 def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:

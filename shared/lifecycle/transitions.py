@@ -9,26 +9,63 @@ its result twice:
 - the batch is finalised by whoever moves it out of ``in_progress``/``cancelling`` first
   (``finalize_if_done``), and its ``batch.*`` event commits in the same transaction.
 
+Each transition that finishes queries (``record_outcomes``, ``begin_cancel``, ``expire_batch``)
+adds what it moved to the batch's ``batch_counts`` in the same transaction, counted from the rows
+the UPDATE itself changed, so the counters equal the query rows exactly and reading a batch never
+scans them (``shared.batches.read.counts_for``). The other transitions (claim, hand-back,
+requeue, takeover) only move queries between ``queued`` and ``running``, which are not counters:
+running is counted live, queued is the rest. The counter row is locked last in every transaction
+(after the query rows, batch ids in order), so a counter never takes part in a deadlock with the
+batch row a cancel or expiry locks first; its one upsert per batch per outcome flush costs
+little next to the flush (the ``batch_usage`` row of the same batch is already locked there).
+
 The functions run in the caller's transaction; services and scheduler jobs own the transactions.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Integer, bindparam, exists, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from shared.db import affected
 from shared.errors import Conflict
 from shared.ledger import CallOwner, CallRecord, abandon_calls, finish_calls, record_calls
-from shared.lifecycle.statuses import BATCH_ACCEPTING, QUERY_OPEN, BatchStatus, QueryStatus
-from shared.models import QUERIES, Batch, Query
+from shared.lifecycle.statuses import BATCH_ACCEPTING, QUERY_OPEN, QUERY_TERMINAL, BatchStatus, QueryStatus
+from shared.models import BATCH_COUNTS, QUERIES, Batch, Query
 from shared.webhooks.events import emit_batch_event
+
+# ---------------------------------------------------------------- batch counters
+
+
+def add_counts(session: Session, moved: Mapping[tuple[str, str], int]) -> None:
+    """Add to batches' finished counters: ``moved[(batch_id, status)]`` queries just became
+    ``status`` (a terminal one) in this transaction. The first of a batch creates its row (an
+    upsert, on SQLite and PostgreSQL alike)."""
+    per_batch: dict[str, dict[str, int]] = {}
+    for (batch_id, status), n in moved.items():
+        if n and status in QUERY_TERMINAL:
+            per_batch.setdefault(batch_id, dict.fromkeys(QUERY_TERMINAL, 0))[status] += n
+    if not per_batch:
+        return
+    dialect = session.get_bind().dialect.name
+    upsert = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(BATCH_COUNTS)
+    c = BATCH_COUNTS.c
+    stmt = upsert.on_conflict_do_update(
+        index_elements=[c.batch_id],
+        set_={s: c[s] + upsert.excluded[s] for s in QUERY_TERMINAL},
+    )
+    # Sorted: every writer locks counter rows in the same order, so two never deadlock on them.
+    session.execute(stmt, [{"batch_id": b, **per_batch[b]} for b in sorted(per_batch)])
+
 
 # ---------------------------------------------------------------- queries: the lease protocol
 
@@ -172,6 +209,14 @@ def record_outcomes(
             ),
             rows,
         )
+        # Exactly what moved: every row above was ours and 'running' (locked since), so each
+        # now has the status it was last written with (once per query, should one come twice).
+        final = {
+            o.claimed.id: (o.claimed.batch_id, QueryStatus.QUEUED if o.requeue_at else o.status)
+            for o in outcomes
+            if o.claimed.id in held
+        }
+        add_counts(session, Counter(final.values()))
     return [o.claimed.id in held for o in outcomes]
 
 
@@ -289,11 +334,14 @@ def begin_cancel(session: Session, batch_id: str, now: int) -> None:
         return
     # The conditional update is what makes cancel race-free against workers: a worker only
     # runs a query it moved from 'queued' to 'running' itself.
-    session.execute(
-        update(Query)
-        .where(col(Query.batch_id) == batch_id, col(Query.status) == QueryStatus.QUEUED)
-        .values(status=QueryStatus.CANCELLED, finished_at=now, lease_expires_at=None)
+    cancelled = affected(
+        session.execute(
+            update(Query)
+            .where(col(Query.batch_id) == batch_id, col(Query.status) == QueryStatus.QUEUED)
+            .values(status=QueryStatus.CANCELLED, finished_at=now, lease_expires_at=None)
+        )
     )
+    add_counts(session, {(batch_id, QueryStatus.CANCELLED): cancelled})
 
 
 def batches_due_for_expiry(session: Session, now: int) -> list[str]:
@@ -320,10 +368,13 @@ def expire_batch(session: Session, batch_id: str, now: int) -> bool:
     if not moved:
         return False
     # A running query's late outcome is then refused (record_outcomes needs 'running').
-    session.execute(
-        update(Query)
-        .where(col(Query.batch_id) == batch_id, col(Query.status).in_(QUERY_OPEN))
-        .values(status=QueryStatus.EXPIRED, finished_at=now, lease_expires_at=None, error=EXPIRED_ERROR)
+    expired = affected(
+        session.execute(
+            update(Query)
+            .where(col(Query.batch_id) == batch_id, col(Query.status).in_(QUERY_OPEN))
+            .values(status=QueryStatus.EXPIRED, finished_at=now, lease_expires_at=None, error=EXPIRED_ERROR)
+        )
     )
+    add_counts(session, {(batch_id, QueryStatus.EXPIRED): expired})
     emit_batch_event(session, batch_id, BatchStatus.EXPIRED, now)
     return True
