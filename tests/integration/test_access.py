@@ -98,6 +98,8 @@ ROLE_TABLE: dict[Route, tuple[int, int, int]] = {
     # SPEC §14, §17: a tenant admin empties its cache; only operator admins change tenants.
     ("DELETE", "/v1/cache"): (200, 403, 403),
     ("PATCH", "/v1/admin/tenants/{tenant_id}"): (403, 403, 403),
+    # SPEC §17: the audit log is read by the tenant's admins.
+    ("GET", "/v1/audit"): (200, 403, 403),
 }
 # Operator routes name a tenant on purpose: no tenant's key reaches them (403 before any lookup).
 OPERATOR_ID_ROUTES: set[Route] = {("PATCH", "/v1/admin/tenants/{tenant_id}")}
