@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, event, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import Executable
 from sqlmodel import col
 
 from api.audit import AUDITED_METHODS
@@ -217,7 +218,10 @@ def test_the_database_refuses_to_update_or_delete_audit_rows(sessions: Any) -> N
             )
         )
     kind = sessions.kw["bind"].dialect.name
-    refusals = [update(AUDIT).where(AUDIT.c.id == row_id).values(outcome="error"), delete(AUDIT)]
+    refusals: list[Executable] = [
+        update(AUDIT).where(AUDIT.c.id == row_id).values(outcome="error"),
+        delete(AUDIT),
+    ]
     if kind == "postgresql":
         refusals.append(text("TRUNCATE audit_events"))
     for statement in refusals:
