@@ -343,6 +343,13 @@ def rows_of(world: World, batch_id: str, query_ids: list[str], file_ids: list[st
     return counts
 
 
+def usage_of(api: TestClient, group_by: str | None = None) -> dict[str, Any]:
+    """``/v1/usage`` this month so far, without its ``to`` (the time of the request)."""
+    report = dict(api.get("/v1/usage", params={"group_by": group_by} if group_by else {}).json())
+    report.pop("to")
+    return report
+
+
 def test_a_deleted_batch_is_gone_from_every_table_and_redis_while_usage_stays(world: World) -> None:
     api, _, _ = world.tenant()
     original = file_batch(api)
@@ -369,9 +376,7 @@ def test_a_deleted_batch_is_gone_from_every_table_and_redis_while_usage_stays(wo
     assert ended["status"] == "completed"
     files = [original["input_file_id"], ended["output_file_id"], ended["error_file_id"]]
     assert all(api.get(f"/v1/files/{f}").status_code == 200 for f in files)
-    usage = {
-        g: api.get("/v1/usage", params={"group_by": g} if g else {}).json() for g in (None, "model", "day")
-    }
+    usage = {g: usage_of(api, g) for g in (None, "model", "day")}
     assert usage[None]["calls"] == 12 and usage[None]["cost_usd"] == pytest.approx(12 * 0.0125)
     before = rows_of(world, bid, query_ids, files)
     # What there was to delete, so that the zeros below mean something.
@@ -404,7 +409,7 @@ def test_a_deleted_batch_is_gone_from_every_table_and_redis_while_usage_stays(wo
     assert progress.read_stage_sets(world.redis, world.namespace, bid) == {s: 0 for s in progress.STAGES}
     assert not list(world.redis.scan_iter(f"{world.namespace}:*{bid}*", count=1000))
     # The ledger is spend, not content: usage is what it was, to the cent and the call.
-    assert {g: api.get("/v1/usage", params={"group_by": g} if g else {}).json() for g in usage} == usage
+    assert {g: usage_of(api, g) for g in usage} == usage
     for path in (
         f"/v1/batches/{bid}",
         f"/v1/batches/{bid}/results",
@@ -472,7 +477,7 @@ def test_retention_deletes_batches_that_ended_before_the_period_and_nothing_else
     later = ended + 30 * 86400 + 3600
     with world.sessions.begin() as s:
         s.execute(update(BATCHES).where(BATCHES.c.id == young["id"]).values(completed_at=ended + 2 * 86400))
-    usage = api.get("/v1/usage").json()
+    usage = usage_of(api)
 
     purged: list[str] = []
     for _ in range(10):  # a page of 2 per run: the backlog drains over runs
@@ -489,6 +494,6 @@ def test_retention_deletes_batches_that_ended_before_the_period_and_nothing_else
     for b in (young, running):
         assert api.get(f"/v1/batches/{b['id']}").status_code == 200
         assert len(world.queries(b["id"])) == 2
-    assert api.get("/v1/usage").json() == usage
+    assert usage_of(api) == usage
     # A longer period keeps them all.
     assert purge_old_batches(world.sessions, world.broker, retention_days=90, now=later) == []
