@@ -41,6 +41,8 @@ HOOK = "http://127.0.0.1:9/hook"
 COUNCIL = {"mode": "council", "members": ["sim:alpha", "sim:beta"], "chairman": "sim:chairman"}
 ERROR = {"type": "server", "message": "the provider failed"}
 # One OpenAI batch input line per (custom_id, body.model).
+# What a deletion keeps: the cost ledger (amounts, no content).
+LEDGER = {"provider_calls", "batch_usage"}
 FILE_LINES = [("f-0", "council"), ("f-1", "sim:beta"), ("f-2", "council"), ("f-3", "sim:alpha")]
 
 
@@ -405,7 +407,8 @@ def test_a_deleted_batch_is_gone_from_every_table_and_redis_while_usage_stays(wo
     assert response.status_code == 204 and response.content == b"", response.text
 
     after = rows_of(world, bid, query_ids, files)
-    assert {t: n for t, n in after.items() if n} == {t: before[t] for t in KEPT}, after
+    assert KEPT == LEDGER
+    assert {t: n for t, n in after.items() if n} == {t: before[t] for t in LEDGER}, after
     assert progress.read_stage_sets(world.redis, world.namespace, bid) == {s: 0 for s in progress.STAGES}
     assert not list(world.redis.scan_iter(f"{world.namespace}:*{bid}*", count=1000))
     # The ledger is spend, not content: usage is what it was, to the cent and the call.
@@ -427,7 +430,7 @@ def test_kept_tables_hold_amounts_and_ids_only(world: World) -> None:
     numbers, and short strings (ids, model names, statuses)."""
     with world.sessions() as s:
         inspector = inspect(s.get_bind())
-        for table in KEPT:
+        for table in LEDGER:
             for column in inspector.get_columns(table):
                 kind = column["type"]
                 where = (table, column["name"], repr(kind))
