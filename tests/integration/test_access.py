@@ -51,6 +51,10 @@ ROLE_TABLE: dict[Route, tuple[int, int, int]] = {
     ("POST", "/v1/batches"): (202, 202, 403),
     ("GET", "/v1/batches"): (200, 200, 200),
     ("GET", "/v1/batches/{batch_id}"): (200, 200, 200),
+    # SPEC §17, before the cancel: none of the walk's queries has failed or expired (a rerun with
+    # no body asks for those), and a batch still running cannot be deleted.
+    ("POST", "/v1/batches/{batch_id}/rerun"): (422, 422, 403),
+    ("DELETE", "/v1/batches/{batch_id}"): (409, 409, 403),
     ("POST", "/v1/batches/{batch_id}/cancel"): (200, 200, 403),
     ("GET", "/v1/batches/{batch_id}/results"): (200, 200, 200),
     ("GET", "/v1/queries/{query_id}"): (200, 200, 200),
