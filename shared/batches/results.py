@@ -7,6 +7,7 @@ Records are rendered from the query rows alone, in batch order, a page at a time
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import func, select
@@ -105,7 +106,9 @@ def iter_rows_in_order(
     page: int = RESULT_PAGE,
 ) -> Iterator[Any]:
     """``columns`` of a batch's queries in ``statuses``, in batch order (``seq``), a window of
-    ``page`` seqs per short transaction, so memory stays bounded however large the batch.
+    ``page`` seqs per short transaction, so memory stays bounded however large the batch: two
+    windows at most, the one being rendered and the next, read meanwhile by one helper thread
+    (the database's time per window then overlaps the caller's instead of adding to it).
 
     Windows of ``seq`` (``seq >= lo AND seq < lo + page``) rather than a keyset page
     (``seq > last ... LIMIT page``): with the status filter, PostgreSQL picks the
@@ -116,9 +119,10 @@ def iter_rows_in_order(
         last = session.scalar(select(func.max(col(Query.seq))).where(col(Query.batch_id) == batch_id))
     if last is None:
         return
-    for lo in range(0, last + 1, page):
+
+    def window(lo: int) -> Sequence[Any]:
         with sessions() as session:
-            rows = session.execute(
+            return session.execute(
                 select(*columns)
                 .where(
                     col(Query.batch_id) == batch_id,
@@ -128,7 +132,22 @@ def iter_rows_in_order(
                 )
                 .order_by(col(Query.seq))
             ).all()
-        yield from rows
+
+    starts = range(0, last + 1, page)
+    if len(starts) == 1:
+        yield from window(0)
+        return
+    reader = ThreadPoolExecutor(1, thread_name_prefix="results-window")
+    try:
+        pending = reader.submit(window, starts[0])
+        for following in (*starts[1:], None):
+            rows = pending.result()
+            if following is not None:
+                pending = reader.submit(window, following)
+            yield from rows
+    finally:
+        # Also when the reader stops early (a client that disconnects mid-download).
+        reader.shutdown(wait=False, cancel_futures=True)
 
 
 def iter_results(
