@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from api import dashboard
+from api.audit import AuditTrail
 from api.deps import AppState
 from api.errors import install_error_handlers
 from api.middleware import Guards
@@ -17,6 +18,8 @@ from api.ratelimit import SlidingWindow
 from api.routes import (
     admin,
     analytics,
+    audit,
+    batch_data,
     batches,
     cache,
     events,
@@ -61,16 +64,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Batches of LLM council queries.",
     )
+    # The audit log (SPEC §17) innermost: it reads the client IP that Guards sets.
+    app.add_middleware(AuditTrail)
     # Starlette counts the bytes of a body that declares no length (its 413 reaches our handler
     # through FastAPI); Guards, outside it, refuses a declared length over the cap in SPEC's shape.
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_request_bytes)
     app.add_middleware(Guards, settings=settings, limiter=limiter, metrics=metrics_buffer)
     app.state.conclave = state
     install_error_handlers(app)
-    for module in (health, metrics, batches, queries, webhooks, usage, keys, knowledge, admin, cache):
+    for module in (health, metrics, batches, queries, webhooks, usage, keys, knowledge, admin, cache, audit):
         app.include_router(module.router)
     app.include_router(events.router)
     app.include_router(files.router)
+    app.include_router(batch_data.router)
     app.include_router(message_batches.router)
     app.include_router(dashboard.router)
     app.include_router(analytics.router)
