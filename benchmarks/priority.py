@@ -47,6 +47,7 @@ from benchmarks.common import (
     proc_tree_sample,
     stack_parser,
 )
+from shared import keys
 from shared.sim import SimConfig, SimServer
 
 TERMINAL = ("completed", "failed", "cancelled", "expired")
@@ -88,7 +89,9 @@ class QueueProbe:
         self.namespace = namespace
 
     def depth(self, queue: str) -> int:
-        return int(self.client.llen(f"{self.namespace}:{queue}"))
+        """Waiting: on the queue's list or in its fair lanes."""
+        lanes = self.client.get(keys.fair_pending(self.namespace, queue))
+        return int(self.client.llen(f"{self.namespace}:{queue}")) + int(lanes or 0)
 
     def held(self, queue: str) -> int:
         workers = self.client.zrange(f"{self.namespace}:__heartbeats__", 0, -1)
