@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.council --queries 2000 --latency-ms 0
 	$(BIN)/python -m benchmarks.council --queries 5000 --latency-ms 2000 --threads 256
 	$(BIN)/python -m benchmarks.priority
+	$(BIN)/python -m benchmarks.fairness
 
 # ---- Browser tests (issue 16) --------------------------------------------------------------------
 # The dashboard in headless Debian Chromium (installed by .ci/services, see `services`) through
