@@ -1,7 +1,7 @@
 """File batch benchmark (SPEC §11): a 50,000-line (~100 MB) OpenAI batch file, through the
 official ``openai`` SDK, against the real stack (API, dramatiq workers, Redis, simulated provider).
 
-    python -m benchmarks.files [--lines 50000] [--line-bytes 2000] [--database-url URL]
+    python -m benchmarks.files [--lines 50000] [--line-bytes 2000] [--postgres | --database-url URL]
 
 Measures: upload time, time from the start of the upload to the batch's ``in_progress`` (the
 create call validates every line and stores and enqueues every query), the API process's RSS
@@ -20,9 +20,13 @@ import time
 import httpx
 import openai
 import orjson
+import redis
 
 from benchmarks.common import Stack, bench_env, bench_key, ensure_redis, print_table, proc_tree_sample
+from benchmarks.intake import add_database_args, database_arg
+from shared.liveness import alive_workers
 from shared.sim import SimConfig, SimServer
+from shared.stack import wait_until
 
 
 def input_file(lines: int, line_bytes: int) -> bytes:
@@ -68,25 +72,40 @@ def main() -> None:
     parser.add_argument("--line-bytes", type=int, default=2_000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=64)
-    parser.add_argument("--database-url", default=None)
+    add_database_args(parser)
     args = parser.parse_args()
+    for database_url in database_arg(args, "files"):
+        run(args, database_url)
 
+
+def run(args: argparse.Namespace, database_url: str | None) -> None:
     data = input_file(args.lines, args.line_bytes)
     redis_ = ensure_redis(os.environ.get("CONCLAVE_REDIS_URL", "redis://127.0.0.1:6379/0"))
     sim = SimServer(SimConfig(log_limit=1000)).start()
-    env = bench_env(redis_.url, args.database_url, sim.url)
+    env = bench_env(redis_.url, database_url, sim.url)
     key = bench_key(env["CONCLAVE_DATABASE_URL"])
     stack = Stack(env=env)
     try:
         url = stack.start_api(workers=1)
         api_pid = stack.procs[0].pid
         stack.start_workers(processes=args.processes, threads=args.threads)
+        # Timing starts once every worker process is up: their start-up (imports, threads) would
+        # otherwise share the two cores with the upload and be counted as the API's.
+        wait_until(
+            lambda: (
+                len(alive_workers(redis.Redis.from_url(redis_.url), env["CONCLAVE_QUEUE_NAMESPACE"]))
+                >= args.processes
+            ),
+            120,
+            "the worker processes",
+        )
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
         # Warm the API process (imports, pools) so the RSS baseline is a running server's.
         warm = client.files.create(file=("warm.jsonl", data[: data.index(b"\n") + 1]), purpose="batch")
         client.files.delete(warm.id)
 
         before = proc_tree_sample(api_pid)
+        load_before = os.getloadavg()[0]
         rss_before = before.rss_mb
         sampler = RssSampler(api_pid)
         sampler.start()
@@ -139,7 +158,7 @@ def main() -> None:
             ["batches.create (validate, store, enqueue)", f"{create_s:.2f} s"],
             ["API CPU for batches.create", f"{create_cpu:.2f} s"],
             ["upload start → batch in_progress", f"{in_progress_s:.2f} s"],
-            ["load average (1 min) at create", f"{load:.1f}"],
+            ["load average (1 min) before upload / at create", f"{load_before:.1f} / {load:.1f}"],
             ["API RSS before upload", f"{rss_before:.0f} MB"],
             ["API RSS growth during upload (peak)", f"{rss_peak - rss_before:.0f} MB"],
             ["batch run (all lines, 1 call each)", f"{run_s:.1f} s"],

@@ -1,10 +1,12 @@
 """Intake benchmark: time to 202 for a 10,000-query batch (persisted and enqueued), and latency
 of 100-query POSTs under concurrent load, against a real API process on real Redis.
 
-    python -m benchmarks.intake [--runs 5] [--size 10000] [--concurrency 4] [--api-workers 2]
-                                [--database-url URL]
+    python -m benchmarks.intake [--runs 5] [--size 10000] [--concurrency 8] [--api-workers 2]
+                                [--postgres | --database-url URL]
 
-No workers run, so every message the API enqueued is still in Redis and is counted.
+``--postgres`` runs against a throwaway PostgreSQL database (created on the local server and
+dropped afterwards); the default is a new SQLite file. No workers run, so every message the API
+enqueued is still in Redis (in its fair lane, its body in the queue's message hash) and is counted.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
-import sqlite3
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import redis
+from sqlalchemy import create_engine, text
 
 from benchmarks.common import (
     Stack,
@@ -29,6 +34,40 @@ from benchmarks.common import (
     print_table,
     proc_tree_sample,
 )
+from shared import keys
+
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@contextmanager
+def throwaway_postgres(prefix: str) -> Iterator[str]:
+    """A new, empty database on the local PostgreSQL server, dropped afterwards."""
+    name = f"conclave_bench_{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def database_arg(args: argparse.Namespace, prefix: str) -> Iterator[str | None]:
+    """The database a benchmark runs on: ``--database-url``, a throwaway one (``--postgres``),
+    or None (bench_env's new SQLite file)."""
+    if args.postgres:
+        with throwaway_postgres(prefix) as url:
+            yield url
+    else:
+        yield args.database_url
+
+
+def add_database_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--database-url", default=None)
+    group.add_argument("--postgres", action="store_true", help="a throwaway database on local PostgreSQL")
 
 
 def batch_body(size: int, tag: str) -> bytes:
@@ -48,36 +87,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--size", type=int, default=10_000)
-    parser.add_argument("--small-posts", type=int, default=300, help="100-query POSTs for the latency test")
-    parser.add_argument("--concurrency", type=int, default=4, help="clients posting 100-query batches")
+    parser.add_argument("--small-posts", type=int, default=400, help="100-query POSTs for the latency test")
+    parser.add_argument("--concurrency", type=int, default=8, help="clients posting 100-query batches")
     parser.add_argument(
         "--api-workers", type=int, default=2, help="uvicorn worker processes (the Procfile's default)"
     )
-    parser.add_argument("--database-url", default=None)
+    add_database_args(parser)
     args = parser.parse_args()
+    for database_url in database_arg(args, "intake"):
+        run(args, database_url)
 
+
+def run(args: argparse.Namespace, database_url: str | None) -> None:
     redis_ = ensure_redis(os.environ.get("CONCLAVE_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    env = bench_env(redis_.url, args.database_url)
-    key = bench_key(env["CONCLAVE_DATABASE_URL"])
+    env = bench_env(redis_.url, database_url)
+    db = env["CONCLAVE_DATABASE_URL"]
+    key = bench_key(db)
     stack = Stack(env=env)
     rdb = redis.Redis.from_url(redis_.url)
     namespace = env["CONCLAVE_QUEUE_NAMESPACE"]
+    # Every enqueued message's body is in the queue's hash, whether it waits in a lane or on the list.
+    bodies_key = keys.queue_messages(namespace, "normal")
     try:
         url = stack.start_api(workers=args.api_workers)
         api_pid = stack.procs[0].pid
         headers = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
-        with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
-            client.post("/v1/batches", content=batch_body(10, "warm")).raise_for_status()
+        limits = httpx.Limits(
+            max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2
+        )
+        with httpx.Client(base_url=url, headers=headers, timeout=120, limits=limits) as client:
+            # Warm every API process (imports, pools, scripts) before anything is timed.
+            for i in range(4 * args.api_workers):
+                client.post("/v1/batches", content=batch_body(10, f"warm{i}")).raise_for_status()
             timings = []
+            loads = []
             cpu_before = proc_tree_sample(api_pid)
-            for run in range(args.runs):
-                body = batch_body(args.size, f"r{run}")
-                depth_before = rdb.llen(f"{namespace}:normal")
+            for run_no in range(args.runs):
+                body = batch_body(args.size, f"r{run_no}")
+                depth_before = rdb.hlen(bodies_key)
+                loads.append(os.getloadavg()[0])
                 started = time.perf_counter()
                 response = client.post("/v1/batches", content=body)
                 elapsed = time.perf_counter() - started
                 response.raise_for_status()
-                enqueued = rdb.llen(f"{namespace}:normal") - depth_before
+                enqueued = rdb.hlen(bodies_key) - depth_before
                 assert enqueued == args.size, f"only {enqueued} of {args.size} messages enqueued"
                 timings.append(elapsed)
             cpu_after = proc_tree_sample(api_pid)
@@ -92,17 +145,19 @@ def main() -> None:
                 return (time.perf_counter() - t) * 1000
 
             cpu_before = proc_tree_sample(api_pid)
+            loads.append(os.getloadavg()[0])
             started = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
                 small = list(pool.map(post, bodies))
             small_wall = time.perf_counter() - started
             small_cpu_ms = (proc_tree_sample(api_pid).cpu_s - cpu_before.cpu_s) / len(bodies) * 1000
             rss = proc_tree_sample(api_pid).rss_mb
-        db = env["CONCLAVE_DATABASE_URL"]
+        loads.append(os.getloadavg()[0])
         stored = None
-        if db.startswith("sqlite:///"):
-            with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
-                stored = conn.execute("select count(*) from queries").fetchone()[0]
+        engine = create_engine(db)
+        with engine.connect() as conn:
+            stored = conn.execute(text("select count(*) from queries")).scalar()
+        engine.dispose()
     finally:
         stack.stop()
         clear_namespace(rdb, namespace)
@@ -125,6 +180,7 @@ def main() -> None:
             ["API CPU per 100-query POST", f"{small_cpu_ms:.1f} ms"],
             ["API RSS after", f"{rss:.0f} MB"],
             ["query rows stored", stored if stored is not None else "n/a"],
+            ["load average (1 min) during", " / ".join(f"{x:.1f}" for x in loads)],
         ],
     )
 

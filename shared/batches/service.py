@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import orjson
 from dramatiq.brokers.redis import RedisBroker
 from redis.exceptions import RedisError
 from sqlalchemy import delete, insert, select, update
@@ -197,36 +198,12 @@ def _store_and_enqueue(
     batch.output_file_id, batch.error_file_id = new_file_id(), new_file_id()
     # What every query's trace links to, for the messages that are sent again without it.
     batch.trace = trace or None
-    query_ids: list[str] = []
     try:
         with write_transaction(sessions) as session:
             # Core inserts: the ORM's unit of work costs more than the statement for one row.
             _insert_batch(session, batch)
             create_views(session, batch, expires_at=batch.expires_at + settings.file_expiry_days * 86400)
-            for page in _pages(requests, INSERT_PAGE):
-                ids = new_ids("query", len(page))
-                session.execute(
-                    insert(QUERIES),
-                    [
-                        {
-                            "id": qid,
-                            "batch_id": batch.id,
-                            "tenant_id": tenant_id,
-                            "seq": len(query_ids) + i,
-                            "custom_id": custom_id,
-                            "status": QueryStatus.QUEUED,
-                            "priority": admitted.priority,
-                            "request": request,
-                            "attempts": 0,
-                            "enqueued_at": now,
-                            "input_tokens": 0,
-                            "output_tokens": 0,
-                            "cost_usd": 0.0,
-                        }
-                        for i, (qid, (custom_id, request)) in enumerate(zip(ids, page, strict=True))
-                    ],
-                )
-                query_ids.extend(ids)
+            query_ids = _insert_queries(session, batch, admitted.priority, now, requests)
             if len(query_ids) != total:
                 raise ValueError(f"batch of {total} queries got {len(query_ids)} requests")
     except IntegrityError:
@@ -300,6 +277,93 @@ def store_failed(
     return batch, Counts(), True
 
 
+# A new query row's columns, in the order ``_query_rows`` writes them: what a Core insert of the
+# model would write (columns with a Python default included), without its per-row work.
+_QUERY_COLUMNS = (
+    "id",
+    "batch_id",
+    "tenant_id",
+    "seq",
+    "custom_id",
+    "status",
+    "priority",
+    "request",
+    "attempts",
+    "circuit_waits",
+    "enqueued_at",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+)
+_COPY_QUERIES = f"COPY queries ({', '.join(_QUERY_COLUMNS)}) FROM STDIN"
+_INSERT_QUERIES = (
+    f"INSERT INTO queries ({', '.join(_QUERY_COLUMNS)}) VALUES ({', '.join('?' * len(_QUERY_COLUMNS))})"
+)
+
+
+def _insert_queries(
+    session: Session,
+    batch: Batch,
+    priority: Priority,
+    now: int,
+    requests: Iterable[tuple[str, dict[str, Any]]],
+) -> list[str]:
+    """Store the batch's query rows, ``INSERT_PAGE`` at a time, in the caller's transaction;
+    returns their ids in input order. Below SQLAlchemy: on PostgreSQL one ``COPY`` streams
+    every row (psycopg's ``cursor.copy``), on SQLite the driver's ``executemany`` takes plain
+    tuples. Measured on 10,000 rows (benchmarks/intake.py's), against a Core ``insert()`` of
+    dicts: PostgreSQL 288 → 104 ms (128 → 22 ms of API CPU), SQLite 115 → 83 ms. Each request
+    doc is serialised once, here, as the engine's JSON serializer would (``shared.db``)."""
+    query_ids: list[str] = []
+    connection = session.connection()
+    pages = (_query_rows(batch, priority, now, page, query_ids) for page in _pages(requests, INSERT_PAGE))
+    if connection.dialect.name == "postgresql":
+        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            with cursor.copy(_COPY_QUERIES) as copy:
+                for rows in pages:
+                    for row in rows:
+                        copy.write_row(row)
+        finally:
+            cursor.close()
+    else:
+        for rows in pages:
+            connection.exec_driver_sql(_INSERT_QUERIES, rows)
+    return query_ids
+
+
+def _query_rows(
+    batch: Batch,
+    priority: Priority,
+    now: int,
+    page: list[tuple[str, dict[str, Any]]],
+    query_ids: list[str],
+) -> list[tuple[Any, ...]]:
+    ids = new_ids("query", len(page))
+    start = len(query_ids)
+    query_ids.extend(ids)
+    batch_id, tenant_id, queued = batch.id, batch.tenant_id, str(QueryStatus.QUEUED)
+    return [
+        (
+            qid,
+            batch_id,
+            tenant_id,
+            start + i,
+            custom_id,
+            queued,
+            priority,
+            _json(request),
+            0,
+            0,
+            now,
+            0,
+            0,
+            0.0,
+        )
+        for i, (qid, (custom_id, request)) in enumerate(zip(ids, page, strict=True))
+    ]
+
+
 def _pages(items: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(items)
     while page := list(itertools.islice(it, size)):
@@ -335,6 +399,11 @@ _BATCH_COLUMNS = [(a.key, a.columns[0].key) for a in sa_inspect(Batch).column_at
 def _batch_row(batch: Batch) -> dict[str, Any]:
     """The batch as a Core insert wants it: keyed by column (``meta`` is stored as ``metadata``)."""
     return {column: getattr(batch, attr) for attr, column in _BATCH_COLUMNS}
+
+
+def _json(value: Any) -> str:
+    """JSON text as the engine's serializer writes it (``shared.db.make_engine``)."""
+    return orjson.dumps(value).decode()
 
 
 def _request_doc(q: Any) -> dict[str, Any]:
