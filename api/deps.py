@@ -77,6 +77,7 @@ def get_principal(
     try:
         with state.sessions() as session:
             principal = authenticate(session, _bearer(request))
+        request.state.principal = principal  # the caller, for the audit log (api/audit.py)
     except Unauthorized:
         if state.limiter is not None:
             scope_state = request.scope.setdefault("state", {})

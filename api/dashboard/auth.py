@@ -67,6 +67,7 @@ async def session_principal(request: Request, state: StateDep) -> Principal:
     principal = await run_in_threadpool(_principal, state, request.cookies.get(COOKIE))
     if principal is None:
         raise SignInRequired("sign in to the dashboard first")
+    request.state.principal = principal  # the caller, for the audit log (api/audit.py)
     return principal
 
 

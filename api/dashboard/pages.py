@@ -96,6 +96,7 @@ async def signin(
         return _render(
             request, "signin.html", 401, page="signin", principal=None, error="That key is not valid."
         )
+    request.state.principal = principal  # the caller, for the audit log (api/audit.py)
     response = RedirectResponse("/dashboard/batches", status_code=303, headers=SECURITY_HEADERS)
     await run_in_threadpool(start_session, state, request, response, principal.key_id)
     return response
