@@ -500,3 +500,7 @@ BATCH_POSITION: Table = BatchPositionRollup.__table__  # type: ignore[attr-defin
 BATCH_STAGE: Table = BatchStageRollup.__table__  # type: ignore[attr-defined]
 BATCH_LATENCY: Table = BatchStageLatency.__table__  # type: ignore[attr-defined]
 FEEDBACK: Table = QueryFeedback.__table__  # type: ignore[attr-defined]
+
+
+# The audit log keeps its table with its writes (shared/audit.py); imported here so the schema is whole.
+from shared.audit import AUDIT as AUDIT  # noqa: E402
