@@ -17,6 +17,7 @@ import redis
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from scheduler.jobs.analytics import fold_analytics
+from scheduler.jobs.anomalies import AnomalyDetector
 from scheduler.jobs.costs import budget_checks, daily_summaries
 from scheduler.jobs.deadlines import promote_at_risk
 from scheduler.jobs.expiry import expire_batches
@@ -31,6 +32,7 @@ from shared.files.views import measure_ended_views
 from shared.knowledge.feeds import import_due_feeds
 from shared.logs import configure_logging
 from shared.metrics import MetricsBuffer
+from shared.providers.config import load_catalog
 from shared.queue.broker import make_broker
 from shared.settings import Settings, get_settings
 
@@ -47,6 +49,7 @@ INTERVALS = {
     "feeds": 5,
     "files": 10,
     "analytics": 5,
+    "anomalies": 10,
     "retention": 60,
 }
 
@@ -83,6 +86,12 @@ def build(settings: Settings) -> tuple[BackgroundScheduler, LeaderLock]:
         "daily_summary": lambda: daily_summaries(sessions),
         "files": lambda: (purge_expired(sessions), measure_ended_views(sessions)),
         "analytics": lambda: fold_analytics(sessions),
+        "anomalies": AnomalyDetector(
+            sessions,
+            broker.client,
+            settings.queue_namespace,
+            load_catalog(settings.providers_file, settings.sim_provider_url),
+        ).run,
         "retention": lambda: purge_old_batches(sessions, broker, settings.retention_days),
         "feeds": lambda: import_due_feeds(
             sessions,

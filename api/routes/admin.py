@@ -1,5 +1,5 @@
-"""``/v1/admin/*`` (admins of the operator tenant): queues and workers, provider health, a
-tenant's tier, limits and budget."""
+"""``/v1/admin/*`` (admins of the operator tenant): queues and workers, provider health and
+anomalies, a tenant's tier, limits and budget."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.deps import OperatorDep, SessionDep, StateDep
 from api.responses import ERROR_RESPONSES, JSONBytes, list_page
+from shared.analytics.anomalies import read_anomalies
 from shared.budget import budget_changed
 from shared.errors import InvalidField, NotFound
 from shared.liveness import alive_workers
 from shared.metrics import recent_counts
 from shared.models import Tenant
 from shared.providers.health import provider_health
+from shared.queue.fair import urgent_batches
 from shared.queue.inspect import queue_stats
-from shared.settings import TierLimits
+from shared.settings import PRIORITIES, TierLimits
 from shared.tenants import check_tier
 from shared.usage import UNLIMITED_BUDGET, budget_for
 
@@ -61,6 +63,16 @@ def queues(state: StateDep, principal: OperatorDep) -> JSONBytes:
 def providers(state: StateDep, session: SessionDep, principal: OperatorDep) -> JSONBytes:
     client, ns = state.broker.client, state.broker.namespace
     return list_page(provider_health(client, ns, state.catalog, session, time.time()))
+
+
+@router.get("/anomalies", responses=ERROR_RESPONSES)
+def anomalies(state: StateDep, principal: OperatorDep) -> JSONBytes:
+    """Current anomalies (degraded providers and why, batches that would miss their window, the
+    latest run's slow queries) and the recent ones, newest first (SPEC §13)."""
+    broker = state.broker
+    current = read_anomalies(broker.client, broker.namespace)
+    at_risk = [{"batch_id": b, "priority": p} for p in PRIORITIES for b in urgent_batches(broker, p)]
+    return JSONBytes({"object": "anomalies", **current, "batches_at_risk": at_risk})
 
 
 class TenantPatch(BaseModel):

@@ -7,8 +7,12 @@ its window? One that would not is marked urgent in its priority's fair lanes
 is drained or safe again. A batch with nothing finished yet has no rate; it counts as at risk
 once half its window has gone by.
 
-Only the order of what waits changes: nothing is written to the database, and a Redis that lost
-its lanes simply has no urgent batches until reconciliation sends their queries again.
+Only the order of what waits changes, and a Redis that lost its lanes simply has no urgent
+batches until reconciliation sends their queries again. The one write: a batch found at risk
+sends ``batch.at_risk`` (SPEC §13) to its tenant's subscribed endpoints and its own
+``webhook_url``, once per batch (a ``Notice`` keyed by the batch id commits with the delivery,
+so a batch that turns safe and at risk again, or is weighed again after a Redis restart, is not
+announced twice), and the anomaly log (``shared.analytics.anomalies``) lists it.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
-from shared.batches.read import Counts, counts_for, eta_seconds
+from shared.analytics.anomalies import iso, record
+from shared.batches.read import Counts, batch_object, counts_for, eta_seconds
 from shared.lifecycle.statuses import BatchStatus
 from shared.models import Batch
 from shared.queue.fair import clear_urgent, mark_urgent, urgent_batches
 from shared.settings import PRIORITIES
+from shared.webhooks.events import emit_once, once_period
 
 log = logging.getLogger("conclave.scheduler")
 
@@ -59,6 +65,7 @@ def promote_at_risk(
         ).all()
         counts = counts_for(session, [b.id for b in batches])
     at_risk: dict[str, dict[str, int]] = {p: {} for p in PRIORITIES}
+    by_id = {b.id: b for b in batches}
     for batch in batches:
         if would_miss(batch, counts[batch.id], now):
             at_risk[batch.priority][batch.id] = batch.expires_at
@@ -68,7 +75,30 @@ def promote_at_risk(
         new = {b: d for b, d in at_risk[priority].items() if b not in before}
         if new and mark_urgent(broker, priority, new):
             log.warning("batches %s would miss their window: sent ahead", sorted(new))
+        for batch_id in sorted(new):
+            announce_at_risk(sessions, broker, by_id[batch_id], counts[batch_id], now)
         # A batch that is safe again (or was not weighed: finished, cancelled) takes its turn again.
         clear_urgent(broker, priority, before - set(at_risk[priority]))
         urgent[priority] = urgent_batches(broker, priority)
     return urgent
+
+
+def announce_at_risk(
+    sessions: sessionmaker[Session], broker: RedisBroker, batch: Batch, counts: Counts, now: int
+) -> bool:
+    """``batch.at_risk`` (data: the batch object, with its ``eta_seconds``), once per batch."""
+    data = batch_object(batch, counts, now)
+    sent = emit_once(
+        sessions,
+        batch.tenant_id,
+        "batch.at_risk",
+        once_period(batch.id),
+        data,
+        now,
+        batch_id=batch.id,
+        batch_webhook_url=batch.webhook_url,
+    )
+    if sent:
+        entry = {"kind": "batch.at_risk", "at": iso(now), "batch_id": batch.id, "tenant_id": batch.tenant_id}
+        record(broker.client, broker.namespace, entry | {"expires_at": iso(batch.expires_at)})
+    return sent

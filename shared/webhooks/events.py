@@ -8,6 +8,7 @@ the change, an event is never lost and never emitted twice.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -33,6 +34,9 @@ EventType = Literal[
     "cost.budget_warning",
     "cost.budget_exceeded",
     "cost.daily_summary",
+    "batch.at_risk",
+    "provider.degraded",
+    "provider.recovered",
 ]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 BATCH_EVENTS: dict[str, str] = {
@@ -88,7 +92,15 @@ def emit(
 
 
 def emit_once(
-    sessions: sessionmaker[Session], tenant_id: str, kind: str, period: str, data: dict[str, Any], now: int
+    sessions: sessionmaker[Session],
+    tenant_id: str,
+    kind: str,
+    period: str,
+    data: dict[str, Any],
+    now: int,
+    *,
+    batch_id: str | None = None,
+    batch_webhook_url: str | None = None,
 ) -> bool:
     """Emit ``kind`` to the tenant once per ``period``: a ``Notice`` with a unique (tenant, kind,
     period) commits with the event, so two processes (or two runs of a job) cannot both send it.
@@ -97,11 +109,36 @@ def emit_once(
         with sessions.begin() as session:
             session.add(Notice(tenant_id=tenant_id, kind=kind, period=period, created_at=now))
             session.flush()
-            emit(session, tenant_id, kind, data, now=now)
+            emit(
+                session,
+                tenant_id,
+                kind,
+                data,
+                batch_id=batch_id,
+                batch_webhook_url=batch_webhook_url,
+                now=now,
+            )
     except IntegrityError:
         return False  # already sent for this period
     log.info("%s sent to tenant %s for %s", kind, tenant_id, period)
     return True
+
+
+def once_period(key: str) -> str:
+    """A ``Notice`` period (16 characters) standing for any key: a batch id, a provider's
+    degradation episode. 64 bits of SHA-256: two keys of one tenant and kind do not collide."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def subscribers(session: Session, event_type: str) -> list[str]:
+    """The tenants with an enabled endpoint subscribed to ``event_type`` (or to ``*``): who
+    hears of an event that belongs to no tenant (a provider's health)."""
+    rows = session.execute(
+        select(col(WebhookEndpoint.tenant_id), col(WebhookEndpoint.events)).where(
+            col(WebhookEndpoint.enabled).is_(True)
+        )
+    ).all()
+    return sorted({r.tenant_id for r in rows if event_type in r.events or "*" in r.events})
 
 
 def emit_batch_event(session: Session, batch_id: str, final_status: str, now: int | None = None) -> list[str]:

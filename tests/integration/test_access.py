@@ -81,6 +81,7 @@ ROLE_TABLE: dict[Route, tuple[int, int, int]] = {
     ),  # after the article reads: it takes them along
     ("GET", "/v1/admin/queues"): (403, 403, 403),
     ("GET", "/v1/admin/providers"): (403, 403, 403),
+    ("GET", "/v1/admin/anomalies"): (403, 403, 403),
     # SPEC §11: files and the Anthropic view of the same batches.
     ("POST", "/v1/files"): (200, 200, 403),
     ("GET", "/v1/files"): (200, 200, 200),
