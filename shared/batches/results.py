@@ -7,7 +7,6 @@ Records are rendered from the query rows alone, in batch order, a page at a time
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import func, select
@@ -106,23 +105,24 @@ def iter_rows_in_order(
     page: int = RESULT_PAGE,
 ) -> Iterator[Any]:
     """``columns`` of a batch's queries in ``statuses``, in batch order (``seq``), a window of
-    ``page`` seqs per short transaction, so memory stays bounded however large the batch: two
-    windows at most, the one being rendered and the next, read meanwhile by one helper thread
-    (the database's time per window then overlaps the caller's instead of adding to it).
+    ``page`` seqs per short transaction, so memory stays bounded however large the batch.
 
     Windows of ``seq`` (``seq >= lo AND seq < lo + page``) rather than a keyset page
     (``seq > last ... LIMIT page``): with the status filter, PostgreSQL picks the
     ``(batch_id, status)`` index and sorts every remaining row for each page, quadratic in the
     batch (50,000 queries: 425 ms a page, 40 s for an output file), while a window is a range
-    scan of ``ix_queries_batch_seq`` (16 ms). A query's ``seq`` runs from 0 without gaps."""
+    scan of ``ix_queries_batch_seq`` (16 ms). A query's ``seq`` runs from 0 without gaps.
+
+    Read one window after another: reading the next in a helper thread meanwhile cost the API
+    more CPU per record than it saved in waiting (48-52 µs a record without, 54-59 with, on
+    2 cores; ``benchmarks/scale.py``), and 13 MB more memory."""
     with sessions() as session:
         last = session.scalar(select(func.max(col(Query.seq))).where(col(Query.batch_id) == batch_id))
     if last is None:
         return
-
-    def window(lo: int) -> Sequence[Any]:
+    for lo in range(0, last + 1, page):
         with sessions() as session:
-            return session.execute(
+            rows = session.execute(
                 select(*columns)
                 .where(
                     col(Query.batch_id) == batch_id,
@@ -132,22 +132,7 @@ def iter_rows_in_order(
                 )
                 .order_by(col(Query.seq))
             ).all()
-
-    starts = range(0, last + 1, page)
-    if len(starts) == 1:
-        yield from window(0)
-        return
-    reader = ThreadPoolExecutor(1, thread_name_prefix="results-window")
-    try:
-        pending = reader.submit(window, starts[0])
-        for following in (*starts[1:], None):
-            rows = pending.result()
-            if following is not None:
-                pending = reader.submit(window, following)
-            yield from rows
-    finally:
-        # Also when the reader stops early (a client that disconnects mid-download).
-        reader.shutdown(wait=False, cancel_futures=True)
+        yield from rows
 
 
 def iter_results(
