@@ -26,6 +26,7 @@ reads its layout; everyone else calls that module (admin views included).
 | ``{ns}:spend:{tenant}:{month}`` (+ ``:holds``, ``:estimates``) | hash, zset, hash | ``shared/budget.py`` |
 | ``{ns}:budget-waiting:{tenant}`` | set | ``shared/budget.py`` (batches waiting for budget) |
 | ``{ns}:budget-changed`` | pub/sub channel | ``shared/budget.py`` (a tenant's budget changed) |
+| ``{ns}:anomalies:{providers,log,latest,marks}`` | hash, list, str, zset | ``shared/analytics/anomalies`` |
 """
 
 from __future__ import annotations
@@ -163,3 +164,23 @@ def budget_waiting(ns: str, tenant_id: str) -> str:
 
 def budget_changed(ns: str) -> str:
     return f"{ns}:budget-changed"
+
+
+def anomaly_providers(ns: str) -> str:
+    """Provider → its anomaly state (degraded since, why, frozen means)."""
+    return f"{ns}:anomalies:providers"
+
+
+def anomaly_log(ns: str) -> str:
+    """The latest anomaly events, newest first."""
+    return f"{ns}:anomalies:log"
+
+
+def anomaly_latest(ns: str) -> str:
+    """The last detector run's findings (slow queries)."""
+    return f"{ns}:anomalies:latest"
+
+
+def anomaly_marks(ns: str) -> str:
+    """(time, largest call id) marks that bound the detector's ledger reads."""
+    return f"{ns}:anomalies:marks"

@@ -27,9 +27,8 @@ run's slow queries, and id marks that bound the job's ledger reads. It survives 
 restart or a change of leader; a Redis that lost it starts over: a provider still degraded is
 reported degraded again (a new episode), one that recovered meanwhile gets no ``recovered``.
 
-Keys (to be listed in ``shared/keys.py``): ``{ns}:anomalies:providers`` (hash),
-``{ns}:anomalies:log`` (list), ``{ns}:anomalies:latest`` (string), ``{ns}:anomalies:marks``
-(sorted set).
+Keys (named in ``shared/keys.py``): ``{ns}:anomalies:providers`` (hash), ``{ns}:anomalies:log``
+(list), ``{ns}:anomalies:latest`` (string), ``{ns}:anomalies:marks`` (sorted set).
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from typing import Any
 import orjson
 import redis
 
+from shared import keys
 from shared.providers.breaker import HEALTH_FAILURES
 
 LOG_KEEP = 200
@@ -160,20 +160,10 @@ def judge(
 # ---------------------------------------------------------------------------- state in Redis
 
 
-def providers_key(ns: str) -> str:
-    return f"{ns}:anomalies:providers"
-
-
-def log_key(ns: str) -> str:
-    return f"{ns}:anomalies:log"
-
-
-def latest_key(ns: str) -> str:
-    return f"{ns}:anomalies:latest"
-
-
-def marks_key(ns: str) -> str:
-    return f"{ns}:anomalies:marks"
+providers_key = keys.anomaly_providers
+log_key = keys.anomaly_log
+latest_key = keys.anomaly_latest
+marks_key = keys.anomaly_marks
 
 
 def iso(ts: float) -> str:

@@ -576,7 +576,7 @@ def test_admin_endpoints_need_an_admin_of_the_operator_tenant(api: TestClient, s
         op_admin = issue_key(s, tenant_name=op_name, role="admin", tier="enterprise", operator=True)
         op_user = issue_key(s, tenant_name=op_name, role="user", tier="enterprise")
     remember_secret(op_admin.api_key, op_user.api_key, op_admin.webhook_secret)
-    for path in ("/v1/admin/queues", "/v1/admin/providers"):
+    for path in ("/v1/admin/queues", "/v1/admin/providers", "/v1/admin/anomalies"):
         assert_error(api.get(path, headers=bearer(tenant_admin)), 403, "permission_error")
         assert_error(api.get(path, headers=bearer(op_user.api_key)), 403, "permission_error")
         assert api.get(path, headers=bearer(op_admin.api_key)).status_code == 200
