@@ -12,23 +12,42 @@ once, when its query settles (``record_calls``).
 of its batch (start: +1 call and the estimate; finish: actual − estimate), so a batch's totals
 equal the sum of its ledger rows at every commit, whatever happened to the queries. Nothing else
 writes ``provider_calls``.
+
+Fencing (SPEC §16): a worker writes a call only under the lease it still holds. A start is refused
+unless its query is still ``running`` under that worker (the call is then not sent: the journal
+raises ``LeaseLost``); a completion is refused once its row is ``abandoned``, which reconciliation
+does in the transaction that hands a dead worker's queries on. So a worker cut off from the network
+for longer than the heartbeat timeout, which comes back with completions and new calls of queries
+that now belong to another worker, changes nothing: each refusal is logged (``call write refused
+(lease lost)``) and the abandoned row keeps its estimate. A query whose lease merely ran out (its
+worker is alive) keeps its calls in flight, and their completions are written: nobody else will
+ever end those rows.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from shared.lifecycle.statuses import CallStatus
-from shared.models import BATCH_USAGE, PROVIDER_CALLS, ProviderCall
+from shared.lifecycle.statuses import CallStatus, QueryStatus
+from shared.models import BATCH_USAGE, PROVIDER_CALLS, QUERIES, ProviderCall
+
+log = logging.getLogger("conclave.ledger")
+# The start of every refusal's log line: operators (and the partition test) count them by it.
+REFUSED = "call write refused (lease lost)"
+
+
+class LeaseLost(Exception):
+    """A call was not started: its query's lease was handed on to another worker."""
 
 
 @dataclass(frozen=True)
@@ -82,9 +101,11 @@ class StartedCall:
     created_at: int
 
 
-def start_calls(session: Session, started: Sequence[StartedCall]) -> None:
+def start_calls(session: Session, started: Sequence[StartedCall]) -> list[StartedCall]:
+    """Write the in-flight rows of calls about to be sent, for queries their worker still holds;
+    returns the refused ones (not written: they must not be sent)."""
     if not started:
-        return
+        return []
     session.execute(
         insert(PROVIDER_CALLS),
         [
@@ -108,30 +129,69 @@ def start_calls(session: Session, started: Sequence[StartedCall]) -> None:
             for s in started
         ],
     )
+    # Checked after the insert: on SQLite the insert took the write lock, so this read cannot go
+    # stale before the commit. On PostgreSQL the rows are share-locked until the commit: a
+    # hand-back (an UPDATE) waits for it and then abandons these rows, or it went first and this
+    # read finds the query moved. The query rows are locked before ``batch_usage``, as the
+    # hand-back does; an outcome write locks them after it, but never for a query whose calls
+    # are still being started.
+    q = QUERIES.c
+    held = {
+        (row.id, row.worker_id)
+        for row in session.execute(
+            select(q.id, q.worker_id)
+            .where(q.id.in_(sorted({s.owner.query_id for s in started})), q.status == QueryStatus.RUNNING)
+            .order_by(q.id)
+            .with_for_update(read=True)
+        )
+    }
+    refused = [s for s in started if (s.owner.query_id, s.worker_id) not in held]
+    if refused:
+        pc = PROVIDER_CALLS.c
+        session.execute(delete(PROVIDER_CALLS).where(pc.call_key.in_([s.call_key for s in refused])))
+        for s in refused:
+            log.warning(
+                "%s: query %s is no longer held by %s; call %s (%s) not sent",
+                REFUSED,
+                s.owner.query_id,
+                s.worker_id,
+                s.call_key,
+                s.model,
+            )
     usage: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
     for s in started:
-        u = usage[s.owner.batch_id]
-        u[0] += 1
-        u[1] += s.input_tokens
-        u[3] += s.cost_usd
+        if (s.owner.query_id, s.worker_id) in held:
+            u = usage[s.owner.batch_id]
+            u[0] += 1
+            u[1] += s.input_tokens
+            u[3] += s.cost_usd
     _add_usage(session, usage)
+    return refused
 
 
-def finish_calls(session: Session, finished: Sequence[CallRecord]) -> None:
-    """Complete sent calls with what they really cost; a call already ``abandoned`` (its worker
-    was presumed dead, then reported after all) takes its real figures too."""
+def finish_calls(session: Session, finished: Sequence[CallRecord]) -> list[CallRecord]:
+    """Complete sent calls with what they really cost; returns the refused ones. A call already
+    ``abandoned`` is refused: its worker was presumed dead and its query handed on, and a late
+    report from it must not rewrite the row (it keeps its estimate; the lease is gone)."""
     by_key = {c.call_key: c for c in finished if c.call_key}
     if not by_key:
-        return
+        return []
     pc = PROVIDER_CALLS.c
+    # Locked: an abandonment racing this waits for it, or went first and the row no longer matches.
     stored = session.execute(
         select(pc.call_key, pc.batch_id, pc.input_tokens, pc.output_tokens, pc.cost_usd)
-        .where(pc.call_key.in_(sorted(by_key)), pc.status.in_((CallStatus.IN_FLIGHT, CallStatus.ABANDONED)))
+        .where(pc.call_key.in_(sorted(by_key)), pc.status == CallStatus.IN_FLIGHT)
         .order_by(pc.call_key)
         .with_for_update()
     ).all()
+    found = {row.call_key for row in stored}
+    refused = [c for key, c in by_key.items() if key not in found]
+    for c in refused:
+        log.warning(
+            "%s: call %s (%s) was abandoned; its completion is not written", REFUSED, c.call_key, c.model
+        )
     if not stored:
-        return
+        return refused
     session.execute(
         update(PROVIDER_CALLS)
         .where(pc.call_key == bindparam("_key"))
@@ -164,6 +224,7 @@ def finish_calls(session: Session, finished: Sequence[CallRecord]) -> None:
         u[2] += actual.output_tokens - row.output_tokens
         u[3] += actual.cost_usd - row.cost_usd
     _add_usage(session, usage)
+    return refused
 
 
 def record_calls(session: Session, calls: Iterable[tuple[CallOwner, CallRecord]]) -> int:
@@ -198,9 +259,20 @@ def record_calls(session: Session, calls: Iterable[tuple[CallOwner, CallRecord]]
 
 def abandon_calls(session: Session, worker_ids: Sequence[str]) -> int:
     """The in-flight calls of workers that died: ``abandoned``, with their estimate (already in the
-    batch's totals). Returns how many."""
+    batch's totals). Returns how many. Their completions are refused from now on (``finish_calls``).
+
+    Their queries still running are locked first (in id order, as every writer of query rows
+    does): a start of one of their calls that got its share lock in first commits before the
+    read below, which then abandons it; one that comes later waits and finds the query gone."""
     if not worker_ids:
         return 0
+    q = QUERIES.c
+    session.execute(
+        select(q.id)
+        .where(q.worker_id.in_(sorted(worker_ids)), q.status == QueryStatus.RUNNING)
+        .order_by(q.id)
+        .with_for_update()
+    ).all()
     pc = PROVIDER_CALLS.c
     keys = session.scalars(
         select(pc.call_key)

@@ -11,6 +11,11 @@ finalised right after sees its whole cost.
 Why not only at the outcome, as before: a query killed by its time limit, or whose outcome write
 failed four times, dropped its calls, and a ``kill -9`` lost the calls of every query its worker
 held, although every one of them had reached a provider and cost money.
+
+Fenced (``shared/ledger.py``): a start of a call whose query is no longer held by this worker
+(reconciliation judged it dead and handed the query on, as after a network partition) is refused,
+and ``started`` raises ``LeaseLost`` so the call is never sent; a completion of a call that was
+abandoned meanwhile is refused and dropped. Both are logged by the ledger.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import write_transaction
-from shared.ledger import CallRecord, StartedCall, finish_calls, start_calls
+from shared.ledger import CallRecord, LeaseLost, StartedCall, finish_calls, start_calls
 from workers.coalesce import FlushThread
 
 log = logging.getLogger("conclave.worker")
@@ -46,7 +51,8 @@ class CallJournal(FlushThread[_Work]):
         self.groups = 0  # flushes run (for tests)
 
     async def started(self, call: StartedCall) -> None:
-        """Returns once the call's in-flight row is committed; raises what the write raised."""
+        """Returns once the call's in-flight row is committed; raises what the write raised, or
+        ``LeaseLost`` when the call's query is no longer this worker's (the call must not go out)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._ready:
@@ -87,28 +93,34 @@ class CallJournal(FlushThread[_Work]):
     def _handle(self, work: _Work) -> None:
         starts, finished = work
         self.groups += 1
-        error = self._write([s for s, _, _ in starts], finished)
+        error, refused = self._write([s for s, _, _ in starts], finished)
         if error is not None:
             self.restore(finished)
-        for _, loop, future in starts:
-            loop.call_soon_threadsafe(_settle, future, error)
+        for call, loop, future in starts:
+            lost = (
+                LeaseLost(f"query {call.owner.query_id} was handed on") if call.call_key in refused else None
+            )
+            loop.call_soon_threadsafe(_settle, future, error or lost)
         if error is not None and finished:
             time.sleep(RETRY_BACKOFF_S)  # the database is in trouble: do not spin on it
 
-    def _write(self, starts: list[StartedCall], finished: list[CallRecord]) -> BaseException | None:
+    def _write(
+        self, starts: list[StartedCall], finished: list[CallRecord]
+    ) -> tuple[BaseException | None, set[str]]:
+        """The write's error (after its retries), or None and the keys of the starts refused."""
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 with write_transaction(self._sessions) as session:
-                    start_calls(session, starts)
-                    finish_calls(session, finished)
-                return None
+                    refused = start_calls(session, starts)
+                    finish_calls(session, finished)  # refused completions are logged and dropped
+                return None, {s.call_key for s in refused}
             except OperationalError as exc:
                 rows = len(starts) + len(finished)
                 log.warning("writing %d call rows failed (%s)", rows, type(exc).__name__)
                 if attempt == WRITE_ATTEMPTS:
-                    return exc
+                    return exc, set()
                 time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
-        return None
+        return None, set()
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -359,7 +359,7 @@ def settle(
     span.set_attribute("conclave.status", ran.status)
     record_call_spans(span, ran.calls)
     if not written:
-        log.warning("query %s was taken over before it finished; its outcome was not written", claimed.id)
+        log.warning("outcome write refused (lease lost): query %s was taken over", claimed.id)
 
 
 def on_loop(coroutine: Coroutine[Any, Any, T]) -> T:
