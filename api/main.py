@@ -23,6 +23,7 @@ from api.routes import (
     batches,
     cache,
     events,
+    experiments,
     feedback,
     files,
     health,
@@ -80,5 +81,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(message_batches.router)
     app.include_router(dashboard.router)
     app.include_router(analytics.router)
+    app.include_router(experiments.router)
     app.include_router(feedback.router)
     return app
