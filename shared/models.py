@@ -502,5 +502,8 @@ BATCH_LATENCY: Table = BatchStageLatency.__table__  # type: ignore[attr-defined]
 FEEDBACK: Table = QueryFeedback.__table__  # type: ignore[attr-defined]
 
 
-# The audit log keeps its table with its writes (shared/audit.py); imported here so the schema is whole.
+# The audit log keeps its table with its writes (shared/audit.py), and experiments theirs with their
+# statistics (shared/analytics/experiments.py); imported here so the schema is whole.
+from shared.analytics.experiments import ASSIGNMENTS as ASSIGNMENTS  # noqa: E402
+from shared.analytics.experiments import EXPERIMENTS as EXPERIMENTS  # noqa: E402
 from shared.audit import AUDIT as AUDIT  # noqa: E402

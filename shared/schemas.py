@@ -63,6 +63,8 @@ class BatchCreate(BaseModel):
     completion_window: str | None = None
     # SPEC §14: reuse answers of identical calls; None = the tenant's setting (its tier's, else off).
     cache: Literal["off", "exact"] | None = None
+    # SPEC §13: run each query with its variant's council of this experiment (by name).
+    experiment: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class MessageBatchCreate(BaseModel):

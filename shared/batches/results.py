@@ -6,6 +6,7 @@ Records are rendered from the query rows alone, in batch order, a page at a time
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from sqlalchemy import Text, cast, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
+from shared.analytics import experiments
 from shared.errors import NotFound
 from shared.lifecycle.statuses import QUERY_TERMINAL
 from shared.models import ProviderCall, Query
@@ -150,10 +152,31 @@ def iter_results(
 ) -> Iterator[dict[str, Any]]:
     """Terminal queries in batch order, a page at a time (bounded memory, short transactions)."""
     statuses = (status,) if status else QUERY_TERMINAL
-    for row in iter_rows_in_order(sessions, batch_id, _DOWNLOAD_COLUMNS, statuses):
+    rows = iter_rows_in_order(sessions, batch_id, _DOWNLOAD_COLUMNS, statuses)
+    with sessions() as session:
+        in_experiment = experiments.batch_has_experiment(session, batch_id)
+    if in_experiment:
+        yield from _with_experiment(sessions, batch_id, rows, include_stages)
+        return
+    for row in rows:
         # None, SQL NULL or JSON null alike: no result.
         result = orjson.loads(row.result_text) if row.result_text else None
         yield result_record(row, include_stages, result or {})
+
+
+def _with_experiment(
+    sessions: sessionmaker[Session], batch_id: str, rows: Iterator[Any], include_stages: bool
+) -> Iterator[dict[str, Any]]:
+    """The records of a batch in an experiment, each with its ``experiment: {name, variant}``
+    (SPEC §13), looked up a page of rows at a time."""
+    while page := list(itertools.islice(rows, RESULT_PAGE)):
+        with sessions() as session:
+            tags = experiments.batch_variants(session, batch_id, [row.id for row in page])
+        for row in page:
+            result = orjson.loads(row.result_text) if row.result_text else None
+            record = result_record(row, include_stages, result or {})
+            record["experiment"] = tags.get(row.id)
+            yield record
 
 
 def query_detail(session: Session, tenant_id: str, query_id: str) -> dict[str, Any]:
@@ -164,6 +187,8 @@ def query_detail(session: Session, tenant_id: str, query_id: str) -> dict[str, A
         select(ProviderCall).where(col(ProviderCall.query_id) == query_id).order_by(col(ProviderCall.id))
     ).all()
     detail = result_record(query, include_stages=True)
+    if "experiment" in query.request:
+        detail["experiment"] = query.request["experiment"]
     detail.update(
         {
             "object": "query",

@@ -24,10 +24,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
+from shared.analytics import experiments
 from shared.batches import admission
 from shared.batches.read import Counts, counts_for, get_batch
 from shared.db import write_transaction
-from shared.errors import Conflict, DependencyDown
+from shared.errors import Conflict, DependencyDown, InvalidField
 from shared.files.store import create_views, drop_views, new_file_id
 from shared.ids import new_id, new_ids
 from shared.lifecycle.statuses import BatchStatus, QueryStatus
@@ -69,6 +70,8 @@ class Admitted:
     webhook_url: str | None = None
     endpoint: str = "/v1/council"
     input_file_id: str | None = None
+    # SPEC §13: the batch's experiment and each query's variant, recorded with the query rows.
+    experiment: experiments.Assigned | None = None
 
 
 def create_batch(
@@ -107,6 +110,10 @@ def create_batch(
         webhook_url=payload.webhook_url,
         completion_window=payload.completion_window,
     )
+    requests = [(q.custom_id, _request_doc(q)) for q in payload.queries]
+    assigned = None
+    if payload.experiment is not None:
+        assigned = _in_experiment(sessions, catalog, tenant_id, payload, requests)
     admitted = Admitted(
         priority=payload.priority,
         council=council,
@@ -115,6 +122,7 @@ def create_batch(
         window_s=terms.window_s,
         knowledge=payload.knowledge.model_dump() if payload.knowledge else None,
         webhook_url=payload.webhook_url,
+        experiment=assigned,
     )
     return submit(
         sessions,
@@ -122,7 +130,7 @@ def create_batch(
         settings,
         tenant_id=tenant_id,
         admitted=admitted,
-        requests=[(q.custom_id, _request_doc(q)) for q in payload.queries],
+        requests=requests,
         total=len(payload.queries),
         idempotency_key=idempotency_key,
         fingerprint=fingerprint,
@@ -130,6 +138,29 @@ def create_batch(
         budget=budget,
         trace=trace,
     )
+
+
+def _in_experiment(
+    sessions: sessionmaker[Session],
+    catalog: Catalog,
+    tenant_id: str,
+    payload: BatchCreate,
+    requests: list[tuple[str, dict[str, Any]]],
+) -> experiments.Assigned:
+    """Each query's variant of the batch's experiment (SPEC §13): its request doc gets the
+    variant's council, which the worker runs, and ``experiment: {name, variant}``."""
+    if payload.council is not None:
+        raise InvalidField(
+            "a batch in an experiment runs its variants' councils: omit 'council'", param="council"
+        )
+    assert payload.experiment is not None
+    with sessions() as session:
+        assigned, work = experiments.assign(
+            session, tenant_id, payload.experiment, [c for c, _ in requests], catalog
+        )
+    for (_, request), (council, tag) in zip(requests, work, strict=True):
+        request["council"], request["experiment"] = council, tag
+    return assigned
 
 
 def submit(
@@ -206,6 +237,8 @@ def _store_and_enqueue(
             query_ids = _insert_queries(session, batch, admitted.priority, now, requests)
             if len(query_ids) != total:
                 raise ValueError(f"batch of {total} queries got {len(query_ids)} requests")
+            if admitted.experiment is not None:
+                experiments.record_assignments(session, admitted.experiment, batch.id, query_ids)
     except IntegrityError:
         if idempotency_key is None:
             raise
@@ -229,6 +262,10 @@ def _store_and_enqueue(
         # messages already sent. Rows first: a worker that gets one of those messages meanwhile
         # claims nothing for a missing row and acks it.
         with sessions.begin() as session:
+            if admitted.experiment is not None:
+                session.execute(
+                    delete(experiments.ASSIGNMENTS).where(experiments.ASSIGNMENTS.c.batch_id == batch.id)
+                )
             session.execute(delete(QUERIES).where(col(Query.batch_id) == batch.id))
             drop_views(session, batch.id)
             session.execute(delete(BATCHES).where(col(Batch.id) == batch.id))

@@ -105,6 +105,11 @@ ROLE_TABLE: dict[Route, tuple[int, int, int]] = {
     ("PATCH", "/v1/admin/tenants/{tenant_id}"): (403, 403, 403),
     # SPEC §17: the audit log is read by the tenant's admins.
     ("GET", "/v1/audit"): (200, 403, 403),
+    # SPEC §13: experiments are made and rolled out by writers, read by all.
+    ("POST", "/v1/experiments"): (201, 201, 403),
+    ("GET", "/v1/experiments"): (200, 200, 200),
+    ("GET", "/v1/experiments/{experiment_id}"): (200, 200, 200),
+    ("PATCH", "/v1/experiments/{experiment_id}"): (200, 200, 403),
 }
 # Operator routes name a tenant on purpose: no tenant's key reaches them (403 before any lookup).
 OPERATOR_ID_ROUTES: set[Route] = {("PATCH", "/v1/admin/tenants/{tenant_id}")}
@@ -128,6 +133,7 @@ ID_NAMES = (
     "feed_id",
     "article_id",
     "file_id",
+    "experiment_id",
 )
 ROLE_COLUMN = {"admin": 0, "user": 1, "viewer": 2}
 
@@ -136,6 +142,12 @@ BODIES: dict[Route, dict[str, Any]] = {
     ("POST", "/v1/webhooks"): {"url": HOOK, "events": ["batch.completed"]},
     ("POST", "/v1/keys"): {"role": "viewer"},
     ("POST", "/v1/queries/{query_id}/feedback"): {"rating": 4},
+    ("POST", "/v1/experiments"): {
+        "name": "acl-new",
+        "metric": "cost",
+        "variants": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}],
+    },
+    ("PATCH", "/v1/experiments/{experiment_id}"): {"variants": [{"name": "a", "weight": 2}]},
     ("PATCH", "/v1/admin/tenants/{tenant_id}"): {"budget_usd_monthly": 5.0},
     ("POST", "/v1/knowledge/feeds"): {"url": "http://127.0.0.1:9/feed.xml", "domain": "acl-test"},
     ("POST", "/v1/messages/batches"): {
@@ -169,6 +181,7 @@ LISTS = {
     "/v1/knowledge/articles": "article_id",
     "/v1/files": "file_id",
     "/v1/messages/batches": "batch_id",
+    "/v1/experiments": "experiment_id",
 }
 
 
@@ -241,6 +254,7 @@ class Resources:
     article_id: str
     file_id: str
     ended_batch_id: str  # a cancelled batch
+    experiment_id: str
 
     def ids(self) -> dict[str, str]:
         return {
@@ -252,6 +266,7 @@ class Resources:
             "feed_id": self.feed_id,
             "article_id": self.article_id,
             "file_id": self.file_id,
+            "experiment_id": self.experiment_id,
         }
 
 
@@ -315,6 +330,16 @@ def make_resources(client: TestClient, admin_key: str, sessions: Any) -> Resourc
         headers=h,
     )
     assert upload.status_code == 200, upload.text
+    experiment = client.post(
+        "/v1/experiments",
+        json={
+            "name": "acl",
+            "metric": "cost",
+            "variants": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}],
+        },
+        headers=h,
+    )
+    assert experiment.status_code == 201, experiment.text
     return Resources(
         batch_id,
         query_id,
@@ -326,6 +351,7 @@ def make_resources(client: TestClient, admin_key: str, sessions: Any) -> Resourc
         article_id,
         upload.json()["id"],
         other.json()["id"],
+        experiment.json()["id"],
     )
 
 
