@@ -182,8 +182,15 @@ def prepare(ctx: WorkerContext, claimed: ClaimedQuery) -> Prepared:
     mode = council.get("mode", "council")
     if mode == "auto":
         # Members behind an open circuit are left out (SPEC §5.4), as this process sees the breakers.
-        healthy = on_loop(ctx.runner.healthy(members))
-        decision = route(claimed.request["messages"], members, ctx.price, healthy=healthy.__contains__)
+        domain_members = [m for rule in ctx.catalog.domains for m in rule.members if m not in members]
+        healthy = on_loop(ctx.runner.healthy([*members, *dict.fromkeys(domain_members)]))
+        decision = route(
+            claimed.request["messages"],
+            members,
+            ctx.price,
+            healthy=healthy.__contains__,
+            domains=ctx.catalog.domains,
+        )
         routing, mode, members = decision.to_dict(), decision.mode, list(decision.members)
     spec = ctx.runner.council_spec({**council, "members": members}, mode)
     grounding = tuple(KnowledgeSnippet(s["id"], s["title"], s["content"]) for s in snippets)

@@ -4,6 +4,10 @@ Simple queries go to the cheapest healthy member alone, complex ones to the full
 the members whose circuit is open. The score adds up visible signals (length, structure,
 reasoning words) so the stored reason says why, and the reason names every member skipped.
 
+Domain rules (``[routing.domains.<name>]`` in ``providers.toml``) come first: a query that names
+one of a rule's keywords is answered by that rule's members instead of the council's (the first
+rule that matches, in the file's order), and the complexity estimate then chooses among them.
+
 Health comes in as a predicate (``healthy(model)``: is the circuit of the model's provider not
 open?), so routing stays pure; the worker reads the shared breakers. When every member is down a
 simple query still goes to the cheapest (it waits for the circuit like any other query), and a
@@ -13,10 +17,13 @@ one is no council, and the members' fallbacks and the circuit wait serve it bett
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from shared.providers.config import DomainRule
 
 COMPLEX_THRESHOLD = 3
 _REASONING = re.compile(
@@ -67,14 +74,45 @@ def complexity(text: str, turns: int) -> tuple[int, list[str]]:
     return score, why
 
 
+@functools.lru_cache(maxsize=256)
+def _keywords(keywords: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile(r"\b(" + "|".join(re.escape(k) for k in keywords) + r")\b", re.IGNORECASE)
+
+
+def match_domain(text: str, domains: Sequence[DomainRule]) -> tuple[DomainRule, list[str]] | None:
+    """The first domain rule a keyword of which the text names, with the keywords it named."""
+    for rule in domains:
+        found = sorted({m.lower() for m in _keywords(rule.keywords).findall(text)})
+        if found:
+            return rule, found
+    return None
+
+
 def route(
     messages: Sequence[dict[str, str]],
     members: Sequence[str],
     price: Callable[[str], float],
     healthy: Callable[[str], bool] = lambda model: True,
+    domains: Sequence[DomainRule] = (),
 ) -> Route:
     text = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
-    score, why = complexity(text, len(messages))
+    matched = match_domain(text, domains) if domains else None
+    if matched is None:
+        return _route(text, len(messages), members, price, healthy)
+    rule, found = matched
+    decision = _route(text, len(messages), rule.members, price, healthy)
+    why = f"domain {rule.name} (names {', '.join(found[:3])}): its members {', '.join(rule.members)}"
+    return Route(decision.mode, decision.members, decision.score, f"{why}; {decision.reason}")
+
+
+def _route(
+    text: str,
+    turns: int,
+    members: Sequence[str],
+    price: Callable[[str], float],
+    healthy: Callable[[str], bool],
+) -> Route:
+    score, why = complexity(text, turns)
     if len(members) == 1:
         signals = f" (signals: {'; '.join(why)})" if why else ""
         return Route("council", tuple(members), score, f"single member{signals}")

@@ -65,6 +65,16 @@ class CouncilPreset:
 
 
 @dataclass(frozen=True)
+class DomainRule:
+    """A ``[routing.domains.<name>]`` table: queries that name one of its ``keywords`` are answered
+    by its ``members`` under ``mode: "auto"`` (SPEC §13)."""
+
+    name: str
+    keywords: tuple[str, ...]
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Catalog:
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
@@ -72,6 +82,7 @@ class Catalog:
     chairman: str
     simulated: bool = False
     councils: dict[str, CouncilPreset] = field(default_factory=dict)
+    domains: tuple[DomainRule, ...] = ()  # in the file's order: the first that matches routes
     _unknown: dict[str, ModelConfig] = field(default_factory=dict, compare=False, repr=False)
 
     def model(self, model_id: str) -> ModelConfig:
@@ -159,6 +170,7 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
         members=tuple(file.council.members),
         chairman=file.council.chairman or file.council.members[0],
         councils={name: table.preset(name) for name, table in file.councils.items()},
+        domains=tuple(table.rule(name) for name, table in file.routing.domains.items()),
     )
     _check_references(catalog)
     return catalog
@@ -217,6 +229,22 @@ class _PresetTable(_Table):
         return CouncilPreset(name=name, members=tuple(self.members), chairman=self.chairman, mode=self.mode)
 
 
+class _DomainTable(_Table):
+    keywords: list[str] = Field(min_length=1)
+    members: list[str] = Field(min_length=1)
+
+    def rule(self, name: str) -> DomainRule:
+        return DomainRule(
+            name=name,
+            keywords=tuple(k.strip() for k in self.keywords if k.strip()),
+            members=tuple(self.members),
+        )
+
+
+class _RoutingTable(_Table):
+    domains: dict[str, _DomainTable] = Field(default_factory=dict)
+
+
 class _ProvidersFile(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -225,6 +253,7 @@ class _ProvidersFile(BaseModel):
     # Validated even when absent, so a file without [council] says "council.members is required".
     council: _CouncilTable = Field(default_factory=dict, validate_default=True)
     councils: dict[str, _PresetTable] = Field(default_factory=dict)
+    routing: _RoutingTable = Field(default_factory=_RoutingTable)
 
 
 _MESSAGES = {
@@ -267,6 +296,11 @@ def _check_references(catalog: Catalog) -> None:
         (f"councils.{_toml_key((p.name,))}", p.members, p.chairman) for p in catalog.councils.values()
     ]
     checks: list[tuple[str, str]] = []
+    for rule in catalog.domains:
+        key = f"routing.domains.{_toml_key((rule.name,))}"
+        if not rule.keywords:
+            raise ConfigError(f"{key}.keywords must name at least one non-empty keyword")
+        checks += [(f"{key}.members[{i}]", m) for i, m in enumerate(rule.members)]
     for key, members, chairman in councils:
         twice = sorted(m for m, n in Counter(members).items() if n > 1)
         if twice:

@@ -516,3 +516,31 @@ def test_resolve_model_on_the_simulated_catalog() -> None:
     assert catalog.resolve_model("alpha") == "sim:alpha"
     assert catalog.resolve_model("sim:chairman") == "sim:chairman"
     assert catalog.resolve_model("delta") is None
+
+
+# -- domain routing rules -----------------------------------------------------------------------
+
+
+def test_domain_rules_parse_in_file_order() -> None:
+    data = spec_data()
+    data["routing"] = {
+        "domains": {
+            "medical": {"keywords": ["patient", "dosage"], "members": ["anthropic:claude-3-5-haiku-latest"]},
+            "code": {"keywords": ["python"], "members": ["openai:gpt-4o-mini", "google:gemini-2.0-flash"]},
+        }
+    }
+    catalog = parse_catalog(data)
+    assert [(r.name, r.keywords, r.members) for r in catalog.domains] == [
+        ("medical", ("patient", "dosage"), ("anthropic:claude-3-5-haiku-latest",)),
+        ("code", ("python",), ("openai:gpt-4o-mini", "google:gemini-2.0-flash")),
+    ]
+
+
+def test_a_domain_rule_naming_an_unknown_provider_or_no_keyword_is_refused() -> None:
+    data = spec_data()
+    data["routing"] = {"domains": {"law": {"keywords": ["contract"], "members": ["nowhere:model"]}}}
+    assert "routing.domains.law.members[0]" in config_error(data)
+    data["routing"] = {"domains": {"law": {"keywords": [" "], "members": ["openai:gpt-4o"]}}}
+    assert "routing.domains.law.keywords" in config_error(data)
+    data["routing"] = {"domains": {"law": {"keywords": ["tax"], "members": ["openai:gpt-4o"], "typo": 1}}}
+    assert "routing.domains.law.typo" in config_error(data)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from shared.providers.config import DomainRule
 from workers.routing import COMPLEX_THRESHOLD, Route, complexity, route
 
 MEMBERS = ("openai:gpt-4o", "anthropic:claude-3-5-haiku-latest", "google:gemini-2.0-flash")
@@ -287,3 +288,52 @@ def test_a_complex_question_keeps_the_full_council_when_fewer_than_two_members_a
 def test_healthy_members_change_nothing() -> None:
     for text in ("Hi", "Why does the contract's liability clause matter? Compare it with the usual one."):
         assert ask(text) == route([{"role": "user", "content": text}], MEMBERS, price, healthy=lambda m: True)
+
+
+# -- domains ------------------------------------------------------------------------------------
+
+MEDICAL = DomainRule("medical", ("patient", "dosage"), ("anthropic:claude-3-5-haiku-latest", "openai:gpt-4o"))
+CODE = DomainRule("code", ("python", "stack trace"), ("google:gemini-2.0-flash",))
+
+
+def test_a_query_in_a_domain_goes_to_that_domains_members_and_says_so() -> None:
+    decision = route(
+        [{"role": "user", "content": "What dosage of ibuprofen is safe for a patient of 70 kg?"}],
+        MEMBERS,
+        price,
+        domains=(CODE, MEDICAL),
+    )
+    # Simple by its complexity, so the cheapest of the domain's members (not of the council's).
+    assert decision.mode == "single"
+    assert decision.members == ("anthropic:claude-3-5-haiku-latest",)
+    assert decision.reason.startswith("domain medical (names dosage, patient)")
+
+
+def test_a_complex_query_in_a_domain_gets_the_domains_council() -> None:
+    text = (
+        "Explain step by step why this patient's dosage should change, compare the options and "
+        "evaluate the trade-offs of each? And what would you recommend?"
+    )
+    decision = route([{"role": "user", "content": text}], MEMBERS, price, domains=(MEDICAL,))
+    assert decision.mode == "council"
+    assert decision.members == MEDICAL.members
+
+
+def test_the_first_matching_domain_wins_and_a_phrase_matches_as_words() -> None:
+    text = "Here is a Python stack trace from a patient record system."
+    assert route([{"role": "user", "content": text}], MEMBERS, price, domains=(CODE, MEDICAL)).members == (
+        "google:gemini-2.0-flash",
+    )
+    # "pythonic" is not "python": keywords match whole words.
+    plain = route([{"role": "user", "content": "Is this pythonic?"}], MEMBERS, price, domains=(CODE,))
+    assert plain.members == ("google:gemini-2.0-flash",) and not plain.reason.startswith("domain")
+
+
+def test_domain_members_behind_an_open_circuit_are_left_out() -> None:
+    text = "Explain why the patient's dosage matters, compare and evaluate the options? Recommend one."
+    down = "openai:gpt-4o"
+    decision = route(
+        [{"role": "user", "content": text}], MEMBERS, price, healthy=lambda m: m != down, domains=(MEDICAL,)
+    )
+    # Two domain members, one down: too few healthy to leave out, so the domain's full council.
+    assert decision.members == MEDICAL.members and "too few healthy" in decision.reason
