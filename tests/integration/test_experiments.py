@@ -151,7 +151,8 @@ def test_the_cheaper_council_wins_on_cost_assignment_is_stable_and_a_rollout_mov
     print(
         f"\nexperiment: budget n={by_name['budget']['n']} mean=${by_name['budget']['mean']:.6f}"
         f" premium n={by_name['premium']['n']} mean=${by_name['premium']['mean']:.6f}"
-        f" p={by_name['premium']['p_value']:.3g} split 99.9% interval [{low:.0f}, {high:.0f}]"
+        f" p={by_name['premium']['p_value']:.3g} intervals {by_name['budget']['interval']}"
+        f" {by_name['premium']['interval']}; split 99.9% interval [{low:.0f}, {high:.0f}]"
     )
 
     # The same custom_ids in a new batch get the same variants.
