@@ -44,7 +44,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlmodel import col
 
@@ -214,6 +214,22 @@ def snapshot(chaos: Chaos, batch_id: str) -> dict[str, Any]:
     }
 
 
+def waiting_sessions(chaos: Chaos) -> list[tuple[Any, ...]]:
+    """The deployment's database sessions that are not idle, with what they wait for and on whom:
+    what a stuck batch is stuck on."""
+    with chaos.sessions() as session:
+        return [
+            tuple(r)
+            for r in session.execute(
+                text(
+                    "SELECT pid, state, wait_event_type, wait_event, now() - state_change,"
+                    " pg_blocking_pids(pid), left(query, 120) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND state <> 'idle' AND pid <> pg_backend_pid()"
+                )
+            )
+        ]
+
+
 def stage_of(record: dict[str, Any]) -> str:
     if record["kind"] == "review":
         return "review"
@@ -277,12 +293,15 @@ def test_a_host_cut_off_mid_batch_loses_nothing_and_its_late_writes_are_refused(
     try:
         # The batch completes on the near host alone: the far host's queries come back once
         # reconciliation finds its heartbeat DEAD_AFTER_S old.
-        poll(
-            lambda: chaos.client.get(f"/v1/batches/{batch_id}").json()["status"] == "completed",
-            timeout=DEAD_AFTER_S + 60,
-            interval=0.25,
-            what="the batch to complete while the far host is cut off",
-        )
+        try:
+            poll(
+                lambda: chaos.client.get(f"/v1/batches/{batch_id}").json()["status"] == "completed",
+                timeout=DEAD_AFTER_S + 60,
+                interval=0.25,
+                what="the batch to complete while the far host is cut off",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; database sessions: {waiting_sessions(chaos)}") from None
         completed_after = time.monotonic() - cut_at
         assert far_pool.poll() is None, "the far worker pool exited while cut off"
         before = snapshot(chaos, batch_id)
