@@ -1,6 +1,7 @@
 """The budget check's worker CPU per query (SPEC §17): ``Budgets.admit`` at claim and
-``Budgets.settle`` at the end, as the pipeline calls them, against a real Redis, for a tenant
-with a budget (two script runs) and one without (none).
+``Budgets.settle`` at the end, as the pipeline calls them, against a real Redis: for a tenant with
+a budget (two script runs), a tenant and its key both with budgets (still two runs, each covering
+both counters) and a tenant without (none).
 
     python -m benchmarks.budget_check --queries 5000
 
@@ -23,7 +24,7 @@ import redis
 from benchmarks.common import clear_namespace, ensure_redis, print_table
 from shared.budget import Budgets
 from shared.db import make_engine, make_sessionmaker, upgrade
-from shared.models import Tenant
+from shared.models import ApiKey, Batch, Tenant
 from shared.settings import Settings
 
 
@@ -48,25 +49,52 @@ def main() -> None:
                     created_at=0,
                 )
             )
+        session.flush()  # the tenants before the rows naming them
+        session.add(
+            ApiKey(
+                id="key_bench",
+                tenant_id="tenant_budget",
+                role="user",
+                key_hash="unused",
+                prefix="unused",
+                created_at=0,
+                monthly_budget_usd=1e9,
+            )
+        )
+        session.flush()
+        for batch_id, key_id in (("batch", None), ("batch_keyed", "key_bench")):
+            session.add(
+                Batch(
+                    id=batch_id,
+                    tenant_id="tenant_budget",
+                    status="in_progress",
+                    priority="normal",
+                    completion_window="24h",
+                    total=1,
+                    created_at=0,
+                    expires_at=2**31 - 1,
+                    key_id=key_id,
+                )
+            )
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(redis_.url)
     budgets = Budgets(client, namespace, sessions, Settings(_env_file=None))  # type: ignore[call-arg]
     rows = []
     try:
-        for tenant_id in ("tenant_budget", "tenant_free"):
-            budgets.admit(tenant_id, "batch", "warm-up", 0.01, int(time.time()) + 900, time.time())
+        for label, tenant_id, batch_id in (
+            ("with a budget", "tenant_budget", "batch"),
+            ("and its key one", "tenant_budget", "batch_keyed"),
+            ("without a budget", "tenant_free", "batch"),
+        ):
+            budgets.admit(tenant_id, batch_id, "warm-up", 0.01, int(time.time()) + 900, time.time())
             cpu, wall = time.process_time(), time.perf_counter()
             for i in range(args.queries):
                 now = time.time()
-                admission = budgets.admit(tenant_id, "batch", f"q{i}", 0.01, int(now) + 900, now)
+                admission = budgets.admit(tenant_id, batch_id, f"q{i}", 0.01, int(now) + 900, now)
                 budgets.settle(tenant_id, f"q{i}", admission, 0.009)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             rows.append(
-                [
-                    "with a budget" if tenant_id == "tenant_budget" else "without a budget",
-                    f"{cpu / args.queries * 1000:.3f} ms",
-                    f"{wall / args.queries * 1000:.3f} ms",
-                ]
+                [label, f"{cpu / args.queries * 1000:.3f} ms", f"{wall / args.queries * 1000:.3f} ms"]
             )
     finally:
         budgets.close()

@@ -47,6 +47,20 @@ class ApiKey(SQLModel, table=True):
     prefix: str = Field(max_length=16)
     created_at: int
     revoked_at: int | None = None
+    # SPEC §17: a free-form label usage groups by, and the key's own monthly budget (None: none;
+    # the tenant's budget holds as well either way).
+    project: str | None = Field(default=None, max_length=64)
+    monthly_budget_usd: float | None = None
+
+
+def _creating_key() -> str | None:
+    """The key of the API request creating a batch: ``shared.audit`` already holds the request's
+    caller in a context variable for every state-changing request (None outside the API)."""
+    from shared.audit import CURRENT  # here: shared.audit imports shared.db, which imports this
+
+    request = CURRENT.get()
+    fields = request.fields() if request is not None else None
+    return fields["key_id"] if fields else None
 
 
 class Batch(SQLModel, table=True):
@@ -83,6 +97,8 @@ class Batch(SQLModel, table=True):
     trace: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
     # Why queued queries are not starting, e.g. {"reason": "budget", ...} (shared/budget.py).
     waiting: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # The API key that created the batch (SPEC §17: key budgets, usage by key and project).
+    key_id: str | None = Field(default_factory=_creating_key, max_length=40, index=True)
 
     created_at: int
     in_progress_at: int | None = None

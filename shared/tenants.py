@@ -198,13 +198,23 @@ def key_object(key: ApiKey) -> dict[str, Any]:
         "object": "api_key",
         "role": key.role,
         "prefix": key.prefix,
+        "project": key.project,
+        "budget_usd_monthly": key.monthly_budget_usd,
         "created_at": key.created_at,
         "revoked_at": key.revoked_at,
     }
 
 
-def create_key(session: Session, tenant_id: str, role: str) -> tuple[str, ApiKey]:
-    """A new key for an existing tenant. Returns (the key, shown once; its row)."""
+def create_key(
+    session: Session,
+    tenant_id: str,
+    role: str,
+    *,
+    project: str | None = None,
+    budget_usd_monthly: float | None = None,
+) -> tuple[str, ApiKey]:
+    """A new key for an existing tenant. Returns (the key, shown once; its row). ``project`` and
+    ``budget_usd_monthly`` (SPEC §17; None = no budget of its own) are the key's."""
     api_key = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(
         id=new_id("key"),
@@ -213,10 +223,29 @@ def create_key(session: Session, tenant_id: str, role: str) -> tuple[str, ApiKey
         key_hash=hash_key(api_key),
         prefix=api_key[:12],
         created_at=int(time.time()),
+        project=project,
+        monthly_budget_usd=budget_usd_monthly,
     )
     session.add(key)
     session.flush()
     return api_key, key
+
+
+def update_key(
+    session: Session, tenant_id: str, key_id: str, changes: dict[str, Any]
+) -> tuple[ApiKey, float | None]:
+    """Change a key's ``project`` and/or ``budget_usd_monthly`` (only the fields in ``changes``;
+    None clears). Returns (the key, its budget before)."""
+    key = session.get(ApiKey, key_id)
+    if key is None or key.tenant_id != tenant_id:
+        raise NotFound(f"no API key {key_id!r}", param="key_id")
+    before = key.monthly_budget_usd
+    if "project" in changes:
+        key.project = changes["project"]
+    if "budget_usd_monthly" in changes:
+        key.monthly_budget_usd = changes["budget_usd_monthly"]
+    session.flush()
+    return key, before
 
 
 def list_keys(session: Session, tenant_id: str) -> list[ApiKey]:

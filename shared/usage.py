@@ -12,10 +12,10 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from shared.lifecycle.statuses import CallStatus
-from shared.models import ProviderCall, Tenant
+from shared.models import ApiKey, Batch, ProviderCall, Tenant
 from shared.settings import Settings
 
-GroupBy = Literal["day", "provider", "model"]
+GroupBy = Literal["day", "provider", "model", "key", "project"]
 
 
 def _sums() -> list[Any]:
@@ -46,7 +46,10 @@ def _totals(row: Any) -> dict[str, Any]:
 def usage_report(
     session: Session, tenant_id: str, start: int, end: int, group_by: GroupBy | None
 ) -> dict[str, Any]:
-    """Totals over ``[start, end)`` (Unix seconds) and, if asked, one row per day/provider/model."""
+    """Totals over ``[start, end)`` (Unix seconds) and, if asked, one row per day/provider/model,
+    or per key/project (SPEC §17): a call belongs to the key that created its batch (joined
+    through ``batches.key_id``), and to that key's project; calls of batches with no key (made
+    outside the API, or by keys since deleted) and of keys without a project are under ``null``."""
     where = (
         col(ProviderCall.tenant_id) == tenant_id,
         col(ProviderCall.created_at) >= start,
@@ -55,6 +58,9 @@ def usage_report(
     total = session.execute(select(*_sums()).where(*where)).one()
     report: dict[str, Any] = {"object": "usage", "from": start, "to": end, **_totals(total)}
     if group_by is None:
+        return report
+    if group_by in ("key", "project"):
+        report["data"] = _by_key(session, where, group_by)
         return report
     if group_by == "model":
         key: Any = col(ProviderCall.model)
@@ -108,6 +114,18 @@ def usage_report(
     return report
 
 
+def _by_key(session: Session, where: tuple[Any, ...], group_by: str) -> list[dict[str, Any]]:
+    key: Any = col(Batch.key_id) if group_by == "key" else col(ApiKey.project)
+    query = select(key.label("key"), *_sums()).select_from(ProviderCall)
+    query = query.outerjoin(Batch, col(Batch.id) == col(ProviderCall.batch_id))
+    if group_by == "project":
+        query = query.outerjoin(ApiKey, col(ApiKey.id) == col(Batch.key_id))
+    rows = session.execute(query.where(*where).group_by(key)).all()
+    # Sorted here, nulls last: SQLite and PostgreSQL order NULL differently.
+    rows = sorted(rows, key=lambda r: (r.key is None, r.key or ""))
+    return [{group_by: r.key, **_totals(r)} for r in rows]
+
+
 def _label(group_by: str, key: Any) -> Any:
     if group_by == "day":
         return datetime.fromtimestamp(int(key), UTC).date().isoformat()
@@ -124,6 +142,18 @@ def month_to_date_cost(session: Session, tenant_id: str, now: int) -> float:
         select(func.coalesce(func.sum(col(ProviderCall.cost_usd)), 0.0)).where(
             col(ProviderCall.tenant_id) == tenant_id, col(ProviderCall.created_at) >= month_start(now)
         )
+    )
+    return float(cost or 0.0)
+
+
+def key_month_to_date_cost(session: Session, key_id: str, now: int) -> float:
+    """What the calls of the batches ``key_id`` created cost this month (read when a key's spend
+    counter is rebuilt, not per query)."""
+    cost = session.scalar(
+        select(func.coalesce(func.sum(col(ProviderCall.cost_usd)), 0.0))
+        .select_from(ProviderCall)
+        .join(Batch, col(Batch.id) == col(ProviderCall.batch_id))
+        .where(col(Batch.key_id) == key_id, col(ProviderCall.created_at) >= month_start(now))
     )
     return float(cost or 0.0)
 

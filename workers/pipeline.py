@@ -47,6 +47,7 @@ from shared.lifecycle.transitions import ClaimedQuery, Outcome
 from shared.logs import query_context
 from shared.progress import StageCalls
 from shared.queue.contract import ACTOR_NAMES, ACTOR_PRIORITY
+from shared.semantic_cache import SemanticHit
 from shared.settings import PRIORITIES
 from shared.tracing import query_parent, request_links, tracer
 from workers.context import WorkerContext
@@ -201,7 +202,8 @@ def admit(
     ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared, message: Message[Any] | None
 ) -> Admission:
     """Reserve the query's estimated cost against its tenant's budget (SPEC §17), or hand it back
-    to the queue to wait. A tenant without a budget costs one dictionary lookup here."""
+    to the queue to wait; a key with a budget of its own is held to it too. A query with no budget
+    at all costs a few dictionary lookups here."""
     budgets = ctx.budgets
     if budgets is None:
         return Admission(admitted=True)
@@ -231,9 +233,12 @@ def admit(
         Outcome(claimed, QueryStatus.QUEUED, None, None, None, (), 0, finished, requeue_at=finished + delay)
     )
     if admission.newly_waiting:
+        whose = "the API key's" if admission.key_id else "the"
         waiting = {
             "reason": "budget",
-            "message": "the monthly budget cannot take another query: raise it or wait for the next month",
+            "message": f"{whose} monthly budget cannot take another query: raise it or wait for next month",
+            "scope": "key" if admission.key_id else "tenant",
+            "key_id": admission.key_id,
             "budget_usd": admission.budget,
             "spent_usd": round(admission.spent, 8),
             "reserved_usd": round(admission.reserved, 8),
@@ -243,7 +248,12 @@ def admit(
         mark_waiting(ctx.sessions, claimed.batch_id, waiting)
         log.warning("batch %s waits for its tenant's budget", claimed.batch_id)
     budgets.notify(
-        claimed.tenant_id, admission.budget, admission.spent + admission.reserved, finished, reached=True
+        claimed.tenant_id,
+        admission.budget,
+        admission.spent + admission.reserved,
+        finished,
+        reached=True,
+        key_id=admission.key_id,
     )
     if written and message is not None:
         # If this send is lost, reconciliation finds the query queued and sends it again.
@@ -268,18 +278,15 @@ def first_estimate(ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared
 
 
 def settle_budget(ctx: WorkerContext, claimed: ClaimedQuery, admission: Admission, ran: Ran) -> None:
-    """The reservation becomes the actual cost of the query's calls; crossing 80% or 100% of the
-    budget sends its event (once per month)."""
+    """The reservation becomes the actual cost of the query's calls; crossing 80% or 100% of a
+    budget (the tenant's or the key's) sends its event (once per month, from ``settle``)."""
     if ctx.budgets is None or admission.budget is None:
         return
     actual = sum(c.cost_usd for c in ran.calls)
     try:
-        spent = ctx.budgets.settle(claimed.tenant_id, claimed.id, admission, actual)
+        ctx.budgets.settle(claimed.tenant_id, claimed.id, admission, actual)
     except redis.RedisError as exc:  # the reservation lapses with the query's lease
         log.warning("settling the budget of query %s failed (%s)", claimed.id, type(exc).__name__)
-        return
-    if spent is not None and spent[1] >= 0.8 * admission.budget:
-        ctx.budgets.notify(claimed.tenant_id, admission.budget, spent[1], int(time.time()))
 
 
 def run(ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared) -> Ran:
@@ -380,11 +387,16 @@ def on_loop(coroutine: Coroutine[Any, Any, T]) -> T:
 
 def mark_cached(record: dict[str, Any], calls: list[CallRecord]) -> None:
     """Say in the result what the cache answered (SPEC §14): ``cached: "exact"`` on each member,
-    review and the synthesis answered from it, and the query's hits and saving."""
+    review and the synthesis answered from it (``"semantic"`` on a member answered for a close
+    question, with its ``similarity`` and the ``cached_question``), and the query's hits and saving."""
     hits = [c for c in calls if c.status == CallStatus.CACHED]
     by_stage = {(c.stage, c.model) for c in hits}
+    semantic = {c.model: c for c in hits if isinstance(c, SemanticHit) and c.stage == "answer"}
     for member in record["members"]:
         member["cached"] = "exact" if ("answer", member["model"]) in by_stage else None
+        hit = semantic.get(member["model"])
+        if hit is not None:
+            member.update(cached="semantic", similarity=hit.similarity, cached_question=hit.matched)
     for review in record["reviews"]:
         review["cached"] = "exact" if ("review", review["reviewer"]) in by_stage else None
     record["synthesis_cached"] = "exact" if ("synthesis", record["chairman"]) in by_stage else None

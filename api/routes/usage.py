@@ -1,4 +1,5 @@
-"""``GET /v1/usage``: tokens and cost for the tenant, from the provider-call ledger."""
+"""``GET /v1/usage``: tokens and cost for the tenant, from the provider-call ledger, in total and
+by day, provider, model, key or project."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def usage(
     principal: PrincipalDep,
     from_: From = None,
     to: To = None,
-    group_by: Literal["day", "provider", "model"] | None = None,
+    group_by: Literal["day", "provider", "model", "key", "project"] | None = None,
 ) -> JSONBytes:
     now = int(time.time())
     start = parse_instant(from_, "from", month_start(now))
