@@ -23,6 +23,7 @@ reads its layout; everyone else calls that module (admin views included).
 | ``{ns}:dashboard-session:{sha256}`` | string | ``shared/dashboard_sessions.py`` |
 | ``{ns}:cache:{tenant}:{g}.{m}:{sha256}`` (+ ``:lock``) | string | ``shared/cache.py`` (exact cache) |
 | ``{ns}:cache-gen:{tenant}`` | hash | ``shared/cache.py`` (invalidation generations) |
+| ``{ns}:semcache:{tenant}:{context}`` (+ ``:seq``) | sorted set, string | ``shared/semantic_cache.py`` |
 | ``{ns}:spend:{tenant}:{month}`` (+ ``:holds``, ``:estimates``) | hash, zset, hash | ``shared/budget.py`` |
 | ``{ns}:budget-waiting:{tenant}`` | set | ``shared/budget.py`` (batches waiting for budget) |
 | ``{ns}:budget-changed`` | pub/sub channel | ``shared/budget.py`` (a tenant's budget changed) |
@@ -142,6 +143,16 @@ def cache_lock(entry_key: str) -> str:
 def cache_generations(ns: str, tenant_id: str) -> str:
     """Hash of invalidation generations: field ``*`` for the whole tenant, one per model."""
     return f"{ns}:cache-gen:{tenant_id}"
+
+
+def semantic_index(ns: str, tenant_id: str, context: str) -> str:
+    """The questions a tenant's stage 1 calls answered in one context (system text and
+    parameters), scored by insertion: never shared across tenants."""
+    return f"{ns}:semcache:{tenant_id}:{context}"
+
+
+def semantic_sequence(index_key: str) -> str:
+    return f"{index_key}:seq"
 
 
 def spend(ns: str, tenant_id: str, month_start: int) -> str:
