@@ -43,7 +43,7 @@ from shared import keys
 
 log = logging.getLogger("conclave.cache")
 
-CacheMode = Literal["off", "exact"]
+CacheMode = Literal["off", "exact", "semantic"]
 ALL_MODELS = "*"  # the generation field that covers the whole tenant
 POLL_MIN_S = 0.05
 POLL_MAX_S = 0.4
@@ -119,6 +119,34 @@ class ExactCache:
         self.lock_ttl_s = lock_ttl_s
         self._lookup = client.register_script(_LOOKUP)
         self._settle = client.register_script(_SETTLE)
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._client
+
+    @property
+    def namespace(self) -> str:
+        return self._ns
+
+    async def peek(
+        self,
+        tenant_id: str,
+        model: str,
+        messages: Sequence[dict[str, str]],
+        max_tokens: int | None,
+        temperature: float | None,
+    ) -> Entry | None:
+        """The cached answer of this exact call if there is one; claims nothing, waits for
+        nothing (the semantic cache asks for the answers of questions it matched)."""
+        key_digest = digest(tenant_id, model, messages, max_tokens, temperature)
+        try:
+            _key, value, _held = await self._lookup(
+                keys=[keys.cache_generations(self._ns, tenant_id)],
+                args=[keys.cache_prefix(self._ns, tenant_id), model, key_digest, "", 0, "", ALL_MODELS],
+            )
+        except redis.RedisError:
+            return None
+        return _entry(value) if value else None
 
     async def acquire(
         self,

@@ -61,8 +61,9 @@ class BatchCreate(BaseModel):
     webhook_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://[^/?#\s]+")
     metadata: dict[str, str] | None = None
     completion_window: str | None = None
-    # SPEC §14: reuse answers of identical calls; None = the tenant's setting (its tier's, else off).
-    cache: Literal["off", "exact"] | None = None
+    # SPEC §14: reuse answers of identical calls ("semantic": and of close single-turn questions);
+    # None = the tenant's setting (its tier's, else off).
+    cache: Literal["off", "exact", "semantic"] | None = None
     # SPEC §13: run each query with its variant's council of this experiment (by name).
     experiment: str | None = Field(default=None, min_length=1, max_length=64)
 

@@ -15,6 +15,10 @@ not the query's ``max_tokens``.
 With a query's ``cache="exact"`` (its batch's, SPEC §14) each model's call asks the shared exact
 cache first (``shared/cache.py``): a hit is recorded as a ``cached`` call (never sent, cost 0,
 what it saved) and answers; a miss calls the provider as usual and stores a successful answer.
+``cache="semantic"`` does the same, and a single-turn stage 1 call first asks the semantic index
+(``shared/semantic_cache.py``, once per query for all members) for earlier questions close to
+this one, and takes the model's exact-cache answer of the best of them (a ``SemanticHit``);
+an answered call's question joins the index. Other modes never touch the index.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from shared.providers import errors
 from shared.providers.base import ChatRequest, ChatResult, Provider
 from shared.providers.config import Catalog, split_model_id
 from shared.providers.guard import ProviderGuard
+from shared.semantic_cache import SemanticHit, SemanticIndex, single_turn, with_question
+from shared.settings import get_settings
 from workers.council import (
     CallRequest,
     Completion,
@@ -74,6 +80,8 @@ class QueryRun:
     calls: list[CallRecord] = field(default_factory=list)
     owner: CallOwner | None = None
     cache: str = "off"  # the batch's cache mode: "exact" asks self.cache before each call
+    # "semantic": the index's matches by context, looked up once for every member of the query.
+    semantic: dict[str, asyncio.Future[list[tuple[str, float]]]] = field(default_factory=dict)
 
 
 class Runner:
@@ -108,6 +116,7 @@ class Runner:
         self.journal = journal
         self.worker_id = worker_id
         self.cache = cache
+        self._semantic: SemanticIndex | None = None  # built at the first "semantic" call
         # Without Redis (unit tests) there is no shared breaker or rate limit, only the local cap.
         self.guards = {
             name: ProviderGuard(p, redis_client=redis_client, namespace=namespace)
@@ -173,9 +182,16 @@ class Runner:
         raise last
 
     async def _with_retries(self, state: QueryRun, model: str, call: CallRequest) -> str:
-        if self.cache is None or state.cache != "exact" or state.owner is None:
+        if self.cache is None or state.cache == "off" or state.owner is None:
             return (await self._attempts(state, model, call)).text
         started = time.perf_counter()
+        question = None
+        if state.cache == "semantic" and call.stage == "answer":
+            question = single_turn(call.messages, call.max_tokens, call.temperature)
+            if question is not None:
+                text = await self._semantic_hit(state, model, call, question, started)
+                if text is not None:
+                    return text
         found = await self.cache.acquire(
             state.owner.tenant_id, model, call.messages, call.max_tokens, call.temperature
         )
@@ -191,7 +207,43 @@ class Runner:
             raise
         if isinstance(found, Claim) and result.text.strip():
             await self.cache.store(found, Entry(result.text, result.input_tokens, result.output_tokens))
+            if question is not None:
+                await self._semantic_index().add(state.owner.tenant_id, *question)
         return result.text
+
+    def _semantic_index(self) -> SemanticIndex:
+        assert self.cache is not None
+        if self._semantic is None:
+            self._semantic = SemanticIndex(
+                self.cache.client,
+                self.cache.namespace,
+                threshold=get_settings().semantic_cache_threshold,
+                ttl_s=self.cache.ttl_s,
+            )
+        return self._semantic
+
+    async def _semantic_hit(
+        self, state: QueryRun, model: str, call: CallRequest, question: tuple[str, str], started: float
+    ) -> str | None:
+        """The model's cached answer to the closest earlier question, or None."""
+        assert self.cache is not None and state.owner is not None
+        tenant_id = state.owner.tenant_id
+        context, text = question
+        matches = state.semantic.get(context)
+        if matches is None:
+            matches = asyncio.ensure_future(self._semantic_index().match(tenant_id, context, text))
+            state.semantic[context] = matches
+        for matched, similarity in await asyncio.shield(matches):
+            if matched == text:
+                continue  # the exact lookup that follows finds it (and joins a call in flight)
+            messages = with_question(call.messages, matched)
+            entry = await self.cache.peek(tenant_id, model, messages, call.max_tokens, call.temperature)
+            if entry is not None:
+                saved = self.catalog.model(model).cost(entry.input_tokens, entry.output_tokens)
+                record = _cached(model, call.stage, started, saved)
+                state.calls.append(SemanticHit.of(record, similarity, matched))
+                return entry.text
+        return None
 
     async def _attempts(self, state: QueryRun, model: str, call: CallRequest) -> ChatResult:
         provider_name, model_name = split_model_id(model)
