@@ -1,7 +1,8 @@
 """The semantic cache (SPEC §14) through the real system: a batch with ``cache: "semantic"``, then
 the same questions reworded (pairs of the shipped paraphrase set) are answered from the cache
 without a stage 1 call (the simulated provider's log), while a hard negative asked alongside is
-called; another tenant asking the reworded questions gets none of the first tenant's answers."""
+called; ``DELETE /v1/cache`` ends the reuse; another tenant asking the reworded questions gets
+none of the first tenant's answers."""
 
 from __future__ import annotations
 
@@ -112,10 +113,16 @@ def test_reworded_questions_are_answered_from_the_cache_and_never_across_tenants
         assert again["cache_hits"] >= len(close) * len(MEMBERS)
         assert again["cost_saved_usd"] > 0
 
+        # Invalidation reaches semantic hits: they are the exact cache's entries.
+        assert tenant_a.delete("/v1/cache").status_code == 200
+        mark = last_seq(sim)
+        run_batch(tenant_a, second[:3])
+        assert len(asked(sim, mark, second[:3])) == 3 * len(MEMBERS)
+
     with user_client(semantic_stack, new_key(sessions)[0]) as tenant_b:
         mark = last_seq(sim)
         theirs = run_batch(tenant_b, second)
         assert len(asked(sim, mark, second)) == len(second) * len(MEMBERS)
-        records = jsonl(tenant_b.get(f"/v1/batches/{theirs['id']}/results"))
-        assert all(m["cached"] is None for r in records for m in r["members"])
+        their_records = jsonl(tenant_b.get(f"/v1/batches/{theirs['id']}/results"))
+        assert all(m["cached"] is None for r in their_records for m in r["members"])
         assert theirs["cache_hits"] == 0
