@@ -41,6 +41,7 @@ import hashlib
 import itertools
 import logging
 import re
+import threading
 import unicodedata
 import zlib
 from collections import OrderedDict
@@ -63,6 +64,7 @@ log = logging.getLogger("conclave.cache")
 DEFAULT_THRESHOLD = 0.85
 INDEX_SIZE = 2000  # questions kept per tenant and context: the brute force's bound
 MIRRORS = 256  # indexes mirrored per process
+TAIL = 64  # questions scored outside the matrix before it is rebuilt
 CANDIDATES = 3  # matches above the threshold tried, best first, for a model's cached answer
 DIM = 1 << 20
 
@@ -367,34 +369,55 @@ return seq
 
 @dataclass
 class _Mirror:
+    """One index as this process last read it. The sparse matrix covers the first ``base`` rows;
+    newer ones are scored apart until ``TAIL`` of them gather, so a batch that adds a question per
+    query does not rebuild a 2,000-row matrix per lookup (about 5 ms each).
+    Old rows are dropped in steps of ``TAIL`` for the same reason."""
+
     seq: int = 0
     texts: list[str] = field(default_factory=list)
-    seqs: list[int] = field(default_factory=list)
     gates: list[tuple[str, ...]] = field(default_factory=list)
     rows: list[Question] = field(default_factory=list)
-    matrix: Any = None  # CSR of ``rows``, rebuilt when they change
+    matrix: Any = None
+    base: int = 0
 
     def extend(self, items: list[tuple[str, int]], size: int) -> None:
-        for text, seq in items:
+        for text, _seq in items:
             q = question(text)
             self.texts.append(text)
-            self.seqs.append(seq)
             self.gates.append(q.gate)
             self.rows.append(q)
-        if len(self.texts) > size:
+        if len(self.texts) > size + TAIL:
             cut = len(self.texts) - size
-            del self.texts[:cut], self.seqs[:cut], self.gates[:cut], self.rows[:cut]
-        if items:
-            self.matrix = None
+            del self.texts[:cut], self.gates[:cut], self.rows[:cut]
+            self.matrix, self.base = None, 0
 
     def scores(self, q: Question) -> np.ndarray:
-        if self.matrix is None:
-            data = np.concatenate([r.values for r in self.rows])
-            cols = np.concatenate([r.indices for r in self.rows])
-            indptr = np.cumsum([0] + [len(r.indices) for r in self.rows])
-            self.matrix = sparse.csr_matrix((data, cols, indptr), shape=(len(self.rows), DIM))
-        vector = sparse.csr_matrix((q.values, q.indices, [0, len(q.indices)]), shape=(1, DIM))
-        return np.asarray((self.matrix @ vector.T).todense()).ravel()
+        if self.matrix is None or len(self.rows) - self.base >= TAIL:
+            self.matrix, self.base = _csr(self.rows), len(self.rows)
+        # The question as a dense vector in a scratch array (4 MB, set and cleared around the
+        # product): CSR times a dense vector is 0.05 ms over 2,000 rows, CSR times a sparse one
+        # 1 ms (it builds a 2^20-entry index pointer).
+        with _SCRATCH_LOCK:
+            _SCRATCH[q.indices] = q.values
+            try:
+                scores = self.matrix @ _SCRATCH
+                if self.base < len(self.rows):
+                    scores = np.concatenate([scores, _csr(self.rows[self.base :]) @ _SCRATCH])
+            finally:
+                _SCRATCH[q.indices] = 0.0
+        return np.asarray(scores)
+
+
+_SCRATCH = np.zeros(DIM, dtype=np.float32)
+_SCRATCH_LOCK = threading.Lock()
+
+
+def _csr(rows: Sequence[Question]) -> Any:
+    data = np.concatenate([r.values for r in rows]) if rows else np.zeros(0, np.float32)
+    cols = np.concatenate([r.indices for r in rows]) if rows else np.zeros(0, np.int64)
+    indptr = np.cumsum([0] + [len(r.indices) for r in rows])
+    return sparse.csr_matrix((data, cols, indptr), shape=(len(rows), DIM))
 
 
 class SemanticIndex:

@@ -87,3 +87,36 @@ def test_a_semantic_hit_is_stored_as_a_plain_cached_call() -> None:
     hit = SemanticHit.of(record, 0.91, "what's 2 + 2")
     assert hit.row() == record.row()
     assert hit.similarity == 0.91 and hit.matched == "what's 2 + 2"
+
+
+def test_the_mirror_scores_every_row_as_similarity_does_across_rebuilds_and_trims() -> None:
+    from shared.semantic_cache import TAIL, _Mirror, question
+
+    texts = [f"How do I sort a list of {n} items in Python?" for n in range(4 * TAIL)]
+    size = 2 * TAIL
+    mirror = _Mirror()
+    q = question("How can I sort a Python list of 5 items?")
+
+    def check() -> None:
+        scores = mirror.scores(q)
+        assert scores == pytest.approx([_cosine(q, question(t)) for t in mirror.texts], abs=1e-5)
+
+    mirror.extend([(t, n) for n, t in enumerate(texts[:TAIL])], size)
+    check()  # builds the matrix
+    mirror.extend([(t, n) for n, t in enumerate(texts[TAIL : TAIL + 10])], size)
+    check()  # the 10 new rows are scored apart
+    assert mirror.base == TAIL
+    mirror.extend([(t, n) for n, t in enumerate(texts[TAIL + 10 :])], size)
+    assert len(mirror.texts) == size and mirror.texts[0] == texts[-size]  # the oldest trimmed
+    check()
+
+
+def _cosine(a: object, b: object) -> float:
+    import numpy as np
+
+    from shared.semantic_cache import DIM, Question
+
+    assert isinstance(a, Question) and isinstance(b, Question)
+    dense_a, dense_b = np.zeros(DIM, np.float32), np.zeros(DIM, np.float32)
+    dense_a[a.indices], dense_b[b.indices] = a.values, b.values
+    return float(dense_a @ dense_b)
