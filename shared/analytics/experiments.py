@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel, col
 
+from shared.councils import resolve_council
 from shared.db import write_transaction
 from shared.errors import Conflict, InvalidField, NotFound
 from shared.ids import new_id
@@ -137,23 +138,6 @@ class ExperimentPatch(BaseModel):
 # ---------------------------------------------------------------- create, read, patch
 
 
-def resolve_variant_council(council: CouncilIn | None, catalog: Catalog, param: str) -> dict[str, Any]:
-    """A variant's council with omitted parts filled from the configured defaults (as a batch's)."""
-    mode = council.mode if council else "council"
-    members = list(council.members) if council and council.members else list(catalog.members)
-    chairman = council.chairman if council and council.chairman else catalog.chairman
-    if len(set(members)) != len(members):
-        raise InvalidField("council members must be distinct", param=f"{param}.members")
-    for i, model in enumerate(members):
-        problem = catalog.check_model(model)
-        if problem:
-            raise InvalidField(problem, param=f"{param}.members[{i}]")
-    problem = catalog.check_model(chairman)
-    if problem:
-        raise InvalidField(problem, param=f"{param}.chairman")
-    return {"mode": mode, "members": members, "chairman": chairman}
-
-
 def _check_weights(variants: Sequence[dict[str, Any]], param: str) -> None:
     if not sum(v["weight"] for v in variants) > 0:
         raise InvalidField("at least one variant needs a weight above 0", param=param)
@@ -169,7 +153,7 @@ def create_experiment(
     variants = [
         {
             "name": v.name,
-            "council": resolve_variant_council(v.council, catalog, f"variants[{i}].council"),
+            "council": resolve_council(v.council, catalog, f"variants[{i}].council"),
             "weight": v.weight,
         }
         for i, v in enumerate(body.variants)

@@ -1,23 +1,23 @@
 """Admission: whether a batch may be accepted, decided before anything is stored.
 
 Field rules pydantic cannot express (unique ``custom_id``s, exactly one of prompt/messages,
-sizes), the tier's limits, the council against the configured models, metadata, the monthly
-budget, and the request fingerprint behind ``Idempotency-Key``. Every refusal is an error of
-``shared/errors.py`` naming the culprit in ``param``; nothing here writes.
+sizes), the tier's limits, metadata, the monthly budget, and the request fingerprint behind
+``Idempotency-Key``; the council against the configured models is ``shared.councils`` (shared
+with experiment variants). Every refusal is an error of ``shared/errors.py`` naming the culprit
+in ``param``; nothing here writes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import orjson
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import Forbidden, InvalidField, PayloadTooLarge, PaymentRequired
 from shared.models import Tenant
-from shared.providers.config import Catalog
 from shared.schemas import BatchCreate
 from shared.settings import PRIORITY_RANK, Priority, Settings, TierLimits, parse_window
 from shared.usage import budget_for, month_to_date_cost
@@ -72,24 +72,6 @@ def check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
                 f"metadata values are at most {METADATA_MAX_VALUE} characters", param=f"metadata.{key}"
             )
     return metadata
-
-
-def resolve_council(payload: BatchCreate, catalog: Catalog) -> dict[str, Any]:
-    """The batch's council with omitted parts filled from the configured defaults."""
-    council = payload.council
-    mode = council.mode if council else "council"
-    members = list(council.members) if council and council.members else list(catalog.members)
-    chairman = council.chairman if council and council.chairman else catalog.chairman
-    if len(set(members)) != len(members):
-        raise InvalidField("council members must be distinct", param="council.members")
-    for i, model in enumerate(members):
-        problem = catalog.check_model(model)
-        if problem:
-            raise InvalidField(problem, param=f"council.members[{i}]")
-    problem = catalog.check_model(chairman)
-    if problem:
-        raise InvalidField(problem, param="council.chairman")
-    return {"mode": mode, "members": members, "chairman": chairman}
 
 
 def request_fingerprint(payload: BatchCreate) -> str:

@@ -27,6 +27,7 @@ from sqlmodel import col
 from shared.analytics import experiments
 from shared.batches import admission
 from shared.batches.read import Counts, counts_for, get_batch
+from shared.councils import resolve_council
 from shared.db import write_transaction
 from shared.errors import Conflict, DependencyDown, InvalidField
 from shared.files.store import create_views, drop_views, new_file_id
@@ -99,7 +100,7 @@ def create_batch(
     admission.check_queries(payload, settings)
     if limits is not None:
         admission.check_tier(limits, payload)
-    council = admission.resolve_council(payload, catalog)
+    council = resolve_council(payload.council, catalog)
     # The cache mode travels with the council: workers read it once per batch (SPEC §14).
     cache = payload.cache or (limits.cache if limits is not None else "off")
     if cache != "off":
