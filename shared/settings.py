@@ -29,7 +29,7 @@ class TierLimits(BaseModel):
     max_batch_queries: int = Field(ge=1)
     max_priority: Priority = "normal"
     # A batch's cache when it names none (SPEC §14); a tenant's ``limits`` may set its own.
-    cache: Literal["off", "exact"] = "off"
+    cache: Literal["off", "exact", "semantic"] = "off"
     # The tenant's share of the workers within a priority against other backlogged tenants
     # (SPEC §15; shared/queue/fair.py): a tenant of weight 2 runs twice as many queries at once.
     weight: float = Field(default=1.0, gt=0, le=1000)

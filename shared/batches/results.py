@@ -52,8 +52,14 @@ def result_record(
                 **_member_identity(m),
                 "error": m.get("error"),
                 "latency_ms": m.get("latency_ms"),
-                # "exact" when the answer came from the exact cache (SPEC §14)
+                # "exact" or "semantic" when the answer came from the cache (SPEC §14); a
+                # semantic hit also says how close, and to which earlier question.
                 "cached": m.get("cached"),
+                **(
+                    {"similarity": m.get("similarity"), "cached_question": m.get("cached_question")}
+                    if m.get("cached") == "semantic"
+                    else {}
+                ),
             }
             for m in result.get("members", [])
         ],
