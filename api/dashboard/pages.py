@@ -109,12 +109,17 @@ async def signout(request: Request, state: StateDep) -> Response:
     return response
 
 
-@router.get("/batches")
-async def batches_page(request: Request, state: StateDep) -> Response:
+async def _plain_page(request: Request, state: Any, page: str) -> Response:
+    """A page that needs only a signed-in caller: its template ``<page>.html`` renders the rest."""
     principal = await _signed_in(request, state)
     if principal is None:
         return _to_signin()
-    return _render(request, "batches.html", page="batches", principal=principal)
+    return _render(request, f"{page}.html", page=page, principal=principal)
+
+
+@router.get("/batches")
+async def batches_page(request: Request, state: StateDep) -> Response:
+    return await _plain_page(request, state, "batches")
 
 
 @router.get("/batches/{batch_id}")
@@ -141,10 +146,7 @@ async def batch_page(batch_id: str, request: Request, state: StateDep) -> Respon
 
 @router.get("/models")
 async def models_page(request: Request, state: StateDep) -> Response:
-    principal = await _signed_in(request, state)
-    if principal is None:
-        return _to_signin()
-    return _render(request, "models.html", page="models", principal=principal)
+    return await _plain_page(request, state, "models")
 
 
 @router.get("/operations")
