@@ -16,9 +16,9 @@ from shared.budget import budget_changed
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
-Project = Field(default=None, min_length=1, max_length=64)
+Project = Field(default=None, min_length=1, max_length=64, strict=True)
 # null: the key has no budget of its own (the tenant's still holds).
-KeyBudget = Field(default=None, ge=0, le=1e12)
+KeyBudget = Field(default=None, ge=0, le=1e12, strict=True)  # strict: `false` is not 0
 
 
 class KeyIn(BaseModel):
@@ -52,10 +52,10 @@ def list_keys(session: SessionDep, principal: AdminDep) -> JSONBytes:
 
 
 @router.patch("/{key_id}", responses=ERROR_RESPONSES)
-def patch_key(key_id: str, body: KeyPatch, state: StateDep, principal: AdminDep) -> JSONBytes:
+def patch_key(key_id: str, state: StateDep, principal: AdminDep, body: KeyPatch | None = None) -> JSONBytes:
     """Change a key's project or monthly budget (only the fields sent; null clears). A changed
     budget holds for queries already queued: those waiting for it start within seconds."""
-    changes = {name: getattr(body, name) for name in body.model_fields_set}
+    changes = {name: getattr(body, name) for name in body.model_fields_set} if body else {}
     with state.sessions.begin() as session:
         key, before = tenants.update_key(session, principal.tenant_id, key_id, changes)
         after = key.monthly_budget_usd

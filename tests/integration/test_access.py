@@ -68,6 +68,7 @@ ROLE_TABLE: dict[Route, tuple[int, int, int]] = {
     ("GET", "/v1/usage"): (200, 200, 200),
     ("POST", "/v1/keys"): (201, 403, 403),
     ("GET", "/v1/keys"): (200, 403, 403),
+    ("PATCH", "/v1/keys/{key_id}"): (200, 403, 403),
     ("DELETE", "/v1/keys/{key_id}"): (200, 403, 403),
     ("POST", "/v1/knowledge/feeds"): (201, 403, 403),
     ("GET", "/v1/knowledge/feeds"): (200, 200, 200),
