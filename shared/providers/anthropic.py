@@ -14,18 +14,7 @@ from typing import Any
 
 import httpx
 
-from shared.providers import errors
-from shared.providers.base import (
-    ChatRequest,
-    ChatResult,
-    Provider,
-    chat_result,
-    error_detail,
-    error_text,
-    retry_after_seconds,
-    system_and_turns,
-    typed_error,
-)
+from shared.providers import base, errors
 
 API_VERSION = "2023-06-01"
 # The Messages API refuses a request without max_tokens; council answers are a few paragraphs.
@@ -47,9 +36,9 @@ _ERROR_TYPES: dict[str, type[errors.ProviderError]] = {
 _RATELIMIT_PREFIX = "anthropic-ratelimit-"
 
 
-class AnthropicProvider(Provider):
-    def build(self, request: ChatRequest) -> tuple[str, dict[str, str], dict[str, Any]]:
-        system, turns = system_and_turns(request.messages)
+class AnthropicProvider(base.Provider):
+    def build(self, request: base.ChatRequest) -> tuple[str, dict[str, str], dict[str, Any]]:
+        system, turns = base.system_and_turns(request.messages)
         if not turns or turns[0][0] != "user":
             # Anthropic answers this with a 400 after a round trip; it can be known here.
             raise errors.InvalidRequest("the Messages API needs a user message before any assistant one")
@@ -67,7 +56,7 @@ class AnthropicProvider(Provider):
             headers["x-api-key"] = self._api_key
         return f"{self.config.base_url}/v1/messages", headers, body
 
-    def parse(self, body: Any) -> ChatResult:
+    def parse(self, body: Any) -> base.ChatResult:
         content = body.get("content") if isinstance(body, dict) else None
         if not isinstance(content, list):
             raise errors.BadResponse("answer has no content[]")
@@ -81,14 +70,14 @@ class AnthropicProvider(Provider):
         )
         if not text.strip():
             raise errors.BadResponse("answer has no text")
-        return chat_result(text, body.get("usage"), "input_tokens", "output_tokens")
+        return base.chat_result(text, body.get("usage"), "input_tokens", "output_tokens")
 
     def map_error(self, response: httpx.Response, body: Any) -> errors.ProviderError:
         status = response.status_code
-        detail = error_detail(body)
+        detail = base.error_detail(body)
         kind = detail.get("type") if isinstance(detail.get("type"), str) else None
-        text = error_text(status, kind, detail.get("message"))
-        hint = retry_after_seconds(response.headers)
+        text = base.error_text(status, kind, detail.get("message"))
+        hint = base.retry_after_seconds(response.headers)
         if hint is None and (status == 429 or kind == "rate_limit_error"):
             hint = ratelimit_reset_wait(response.headers, time.time())
         details = detail.get("details")
@@ -96,7 +85,7 @@ class AnthropicProvider(Provider):
             # A 429 "rate_limit_error" that lasts until next month's spend cap: retrying cannot help.
             return errors.AuthError(text, status=status)
         # No Anthropic error type (a Cloudflare page (413), a proxy, an empty 5xx): the status decides.
-        return typed_error(_ERROR_TYPES, kind, status, text, hint)
+        return base.typed_error(_ERROR_TYPES, kind, status, text, hint)
 
 
 def ratelimit_reset_wait(headers: httpx.Headers, now: float) -> float | None:

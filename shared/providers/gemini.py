@@ -14,18 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
-from shared.providers import errors
-from shared.providers.base import (
-    ChatRequest,
-    ChatResult,
-    Provider,
-    chat_result,
-    error_detail,
-    error_text,
-    retry_after_seconds,
-    system_and_turns,
-    typed_error,
-)
+from shared.providers import base, errors
 
 # google.rpc.Code names say more than the HTTP status (a bad key is a 400 INVALID_ARGUMENT).
 _ERROR_STATUSES: dict[str, type[errors.ProviderError]] = {
@@ -44,9 +33,9 @@ _FILTERED = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT"
 _ROLES = {"user": "user", "assistant": "model"}
 
 
-class GeminiProvider(Provider):
-    def build(self, request: ChatRequest) -> tuple[str, dict[str, str], dict[str, Any]]:
-        system, turns = system_and_turns(request.messages)
+class GeminiProvider(base.Provider):
+    def build(self, request: base.ChatRequest) -> tuple[str, dict[str, str], dict[str, Any]]:
+        system, turns = base.system_and_turns(request.messages)
         if not turns:
             raise errors.InvalidRequest("generateContent needs at least one user or assistant message")
         body: dict[str, Any] = {
@@ -68,7 +57,7 @@ class GeminiProvider(Provider):
         model = quote(request.model, safe=":@")
         return f"{self.config.base_url}/v1beta/models/{model}:generateContent", headers, body
 
-    def parse(self, body: Any) -> ChatResult:
+    def parse(self, body: Any) -> base.ChatResult:
         if not isinstance(body, dict):
             raise errors.BadResponse("answer is not a JSON object")
         feedback = body.get("promptFeedback")
@@ -92,22 +81,22 @@ class GeminiProvider(Provider):
         )
         if not text.strip():
             raise errors.BadResponse(f"answer has no text (finishReason: {reason})")
-        return chat_result(text, body.get("usageMetadata"), "promptTokenCount", "candidatesTokenCount")
+        return base.chat_result(text, body.get("usageMetadata"), "promptTokenCount", "candidatesTokenCount")
 
     def map_error(self, response: httpx.Response, body: Any) -> errors.ProviderError:
         status = response.status_code
-        detail = error_detail(body)
+        detail = base.error_detail(body)
         code = detail.get("status") if isinstance(detail.get("status"), str) else None
         details = detail.get("details")
         details = details if isinstance(details, list) else []
-        text = error_text(status, code, detail.get("message"))
-        hint = retry_after_seconds(response.headers)
+        text = base.error_text(status, code, detail.get("message"))
+        hint = base.retry_after_seconds(response.headers)
         if hint is None:
             hint = retry_info_delay(details)
         if any(str(reason).startswith("API_KEY_") for reason in _error_info_reasons(details)):
             # Google reports a bad, expired or blocked key as 400 INVALID_ARGUMENT or 403.
             return errors.AuthError(text, status=status)
-        return typed_error(_ERROR_STATUSES, code, status, text, hint)
+        return base.typed_error(_ERROR_STATUSES, code, status, text, hint)
 
 
 def retry_info_delay(details: list[Any]) -> float | None:
