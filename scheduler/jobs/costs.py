@@ -16,9 +16,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
-from shared.models import Notice, ProviderCall, Tenant
+from shared.budget import emit_key_once
+from shared.models import ApiKey, Notice, ProviderCall, Tenant
 from shared.settings import Settings
-from shared.usage import budget_for, month_start, month_to_date_cost, usage_report
+from shared.usage import (
+    budget_for,
+    key_month_to_date_cost,
+    month_start,
+    month_to_date_cost,
+    usage_report,
+)
 from shared.webhooks.events import emit_once
 
 log = logging.getLogger("conclave.scheduler")
@@ -82,7 +89,8 @@ def _mark(sessions: sessionmaker[Session], kind: str, period: str, now: int) -> 
 
 
 def budget_checks(sessions: sessionmaker[Session], settings: Settings, now: int | None = None) -> int:
-    """``cost.budget_exceeded`` once per month to each tenant whose spend reached its budget."""
+    """``cost.budget_exceeded`` once per month to each tenant whose spend reached its budget, and
+    for each key whose batches' spend reached the key's own budget (to its tenant, naming it)."""
     now = now or int(time.time())
     period = datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
     with sessions() as session:
@@ -100,8 +108,26 @@ def budget_checks(sessions: sessionmaker[Session], settings: Settings, now: int 
             spent = month_to_date_cost(session, tenant.id, now)
             if budget is not None and spent >= budget:
                 over.append((tenant.id, budget, spent))
+        # Keys with budgets of their own (SPEC §17), among the tenants that spent this month.
+        keyed = (
+            session.scalars(
+                select(ApiKey).where(
+                    col(ApiKey.tenant_id).in_(spenders), col(ApiKey.monthly_budget_usd).is_not(None)
+                )
+            ).all()
+            if spenders
+            else []
+        )
+        keys_over = []
+        for key in keyed:
+            key_spent = key_month_to_date_cost(session, key.id, now)
+            if key.monthly_budget_usd is not None and key_spent >= key.monthly_budget_usd:
+                keys_over.append((key.tenant_id, key.id, key.monthly_budget_usd, key_spent))
     sent = 0
     for tenant_id, budget, spent in over:
         data = {"period": period, "budget_usd": budget, "spent_usd": round(spent, 8)}
         sent += emit_once(sessions, tenant_id, "cost.budget_exceeded", period, data, now)
+    for tenant_id, key_id, budget, spent in keys_over:
+        data = {"period": period, "budget_usd": budget, "spent_usd": round(spent, 8)}
+        sent += emit_key_once(sessions, tenant_id, key_id, "cost.budget_exceeded", period, data, now)
     return sent

@@ -17,6 +17,7 @@ from sqlalchemy import insert, update
 from sqlmodel import col
 
 from api.main import create_app
+from scheduler.jobs.costs import budget_checks
 from shared.budget import Budgets, budget_changed
 from shared.models import PROVIDER_CALLS, Batch, Notice, Tenant
 from shared.settings import Settings
@@ -137,6 +138,15 @@ def test_usage_groups_the_ledger_by_the_key_that_created_each_batch_and_its_proj
     assert [(r["project"], r["cost_usd"]) for r in by_project["data"]] == [("alpha", 0.75), (None, 6.0)]
     assert by_key["cost_usd"] == by_project["cost_usd"] == 6.75
     assert api.get("/v1/usage?group_by=tenant", headers=bearer(admin)).status_code == 422
+
+    # The scheduler's budget check sees the key's spend (0.75) reach its budget (0.5), once.
+    api.patch(f"/v1/keys/{a['id']}", json={"budget_usd_monthly": 0.5}, headers=bearer(admin))
+    settings = api.app.state.conclave.settings  # type: ignore[attr-defined]
+    assert budget_checks(sessions, settings, now) >= 1
+    budget_checks(sessions, settings, now)
+    with sessions() as session:
+        kinds = [n.kind for n in session.query(Notice).filter(col(Notice.tenant_id) == a["id"])]
+    assert kinds == ["cost.budget_exceeded"]
 
 
 def test_a_key_over_its_budget_waits_while_the_tenant_and_other_keys_run(
