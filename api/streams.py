@@ -24,12 +24,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import orjson
 import redis.asyncio as aioredis
-from fastapi import Request
+from fastapi import Depends, Header, Request
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -366,14 +366,29 @@ def _id(feed: BatchFeed, cursor: Cursor, qcursor: tuple[int, str] | None, digest
     return Cursor(shown, digest, qcursor).encode()
 
 
-async def open_stream(
+@dataclass(frozen=True)
+class StreamAsk:
+    """What a client asks of a batch's stream, read the same way by the API's route and the
+    dashboard's: ``?queries=true`` for a ``query`` event per finished query, and ``Last-Event-ID``
+    to resume after the event a client last saw."""
+
+    request: Request
+    queries: bool
+    last_event_id: str | None
+
+
+async def stream_ask(  # async: FastAPI would run a plain def in its thread pool
     request: Request,
-    state: AppState,
-    tenant_id: str,
-    batch_id: str,
-    want_queries: bool,
-    last_event_id: str | None,
-) -> EventSourceResponse:
+    queries: bool = False,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=256)] = None,
+) -> StreamAsk:
+    return StreamAsk(request, queries, last_event_id)
+
+
+StreamAskDep = Annotated[StreamAsk, Depends(stream_ask)]
+
+
+async def open_stream(ask: StreamAsk, state: AppState, tenant_id: str, batch_id: str) -> EventSourceResponse:
     """The event stream of one of the tenant's batches (404 for anyone else's, before any byte)."""
 
     def check() -> None:
@@ -381,9 +396,9 @@ async def open_stream(
             read.get_batch(session, tenant_id, batch_id)
 
     await run_in_threadpool(check)
-    hub = hub_of(request)
-    feed = hub.follow(batch_id, want_queries)
-    body = _events(feed, Cursor.parse(last_event_id), want_queries)
+    hub = hub_of(ask.request)
+    feed = hub.follow(batch_id, ask.queries)
+    body = _events(feed, Cursor.parse(ask.last_event_id), ask.queries)
     # sse-starlette ends the stream when the server shuts down (uvicorn would otherwise wait for
     # every open stream to close); keep-alives are ours (sent only when a stream is idle).
     return EventSourceResponse(body, ping=0, shutdown_event=hub.start(), shutdown_grace_period=2.0)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse
 
@@ -20,7 +20,7 @@ from api.dashboard.auth import SameOrigin, SessionOperator, SessionPrincipal, Se
 from api.deps import SessionDep, StateDep
 from api.responses import JSONBytes
 from api.routes import batches as batch_routes
-from api.streams import open_stream
+from api.streams import StreamAskDep, open_stream
 from shared import insights, progress
 from shared.batches import read, service
 from shared.liveness import alive_workers
@@ -105,14 +105,9 @@ def data_operations(state: StateDep, session: SessionDep, principal: SessionOper
 
 @router.get("/batches/{batch_id}/events")
 async def events(
-    batch_id: str,
-    request: Request,
-    state: StateDep,
-    principal: SessionPrincipal,
-    queries: bool = False,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=256)] = None,
+    batch_id: str, state: StateDep, principal: SessionPrincipal, ask: StreamAskDep
 ) -> EventSourceResponse:
-    return await open_stream(request, state, principal.tenant_id, batch_id, queries, last_event_id)
+    return await open_stream(ask, state, principal.tenant_id, batch_id)
 
 
 @router.get("/batches/{batch_id}/results")

@@ -6,14 +6,12 @@ route authenticates, and the dashboard's stream is the same function behind a se
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter
 from sse_starlette import EventSourceResponse
 
 from api.deps import PrincipalDep, StateDep
 from api.responses import ERROR_RESPONSES
-from api.streams import open_stream
+from api.streams import StreamAskDep, open_stream
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -24,14 +22,9 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
     responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
 )
 async def batch_events(
-    batch_id: str,
-    request: Request,
-    state: StateDep,
-    principal: PrincipalDep,
-    queries: bool = False,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=256)] = None,
+    batch_id: str, state: StateDep, principal: PrincipalDep, ask: StreamAskDep
 ) -> EventSourceResponse:
     """``event: progress`` at most once a second and only on change, ``event: query`` per
     finished query (``?queries=true``), ``event: end`` with the final batch object; every event
     has an id, and reconnecting with ``Last-Event-ID`` (to any replica) misses nothing."""
-    return await open_stream(request, state, principal.tenant_id, batch_id, queries, last_event_id)
+    return await open_stream(ask, state, principal.tenant_id, batch_id)
