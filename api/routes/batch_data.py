@@ -14,11 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import StateDep, WriterDep
 from api.responses import ERROR_RESPONSES, JSONBytes
-from api.routes.batches import TerminalStatus
+from api.routes.batches import TerminalStatus, submit
 from api.schemas import BatchObject
 from shared.batches import deletion, read, rerun
 from shared.lifecycle.statuses import QueryStatus
-from shared.tracing import carrier
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -36,7 +35,7 @@ class RerunRequest(BaseModel):
 
 
 @router.post("/{batch_id}/rerun", status_code=202, response_model=BatchObject, responses=ERROR_RESPONSES)
-def rerun_batch(
+async def rerun_batch(
     batch_id: str,
     state: StateDep,
     principal: WriterDep,
@@ -47,18 +46,8 @@ def rerun_batch(
     requests, council, priority, knowledge and webhook; 422 when none matches. A batch still
     running may be re-run: its queries that have already reached those statuses are."""
     statuses = (payload or RerunRequest()).statuses
-    batch, counts, _ = rerun.rerun_batch(
-        state.sessions,
-        state.broker,
-        state.catalog,
-        state.settings,
-        tenant_id=principal.tenant_id,
-        batch_id=batch_id,
-        statuses=statuses,
-        idempotency_key=idempotency_key,
-        limits=principal.limits(state.settings),
-        budget=principal.budget(state.settings),
-        trace=carrier(),
+    batch, counts, _ = await submit(
+        rerun.rerun_batch, state, principal, idempotency_key, batch_id=batch_id, statuses=statuses
     )
     return JSONBytes(read.batch_object(batch, counts), status_code=202)
 

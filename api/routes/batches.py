@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 from opentelemetry.trace import SpanKind
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AppState, PrincipalDep, SessionDep, StateDep, WriterDep
@@ -36,13 +35,14 @@ TerminalStatus = Literal[
 
 async def submit(
     create: Callable[..., tuple[Batch, Counts, bool]],
-    payload: BaseModel,
     state: AppState,
     principal: Principal,
     idempotency_key: str | None,
+    **request: Any,
 ) -> tuple[Batch, Counts, bool]:
-    """Run a batch service's create (inline, file or Anthropic batch) off the event loop, as the
-    principal: its tenant, tier limits and budget, and the request's trace."""
+    """Run a batch service's create (inline, file or Anthropic batch, or a re-run) off the event
+    loop, as the principal: its tenant, tier limits and budget, and the request's trace.
+    ``request``: the service's own arguments (``payload=``, or a re-run's ``batch_id=``, ``statuses=``)."""
     return await run_in_threadpool(
         create,
         state.sessions,
@@ -50,11 +50,11 @@ async def submit(
         state.catalog,
         state.settings,
         tenant_id=principal.tenant_id,
-        payload=payload,
         idempotency_key=idempotency_key,
         limits=principal.limits(state.settings),
         budget=principal.budget(state.settings),
         trace=carrier(),
+        **request,
     )
 
 
@@ -70,7 +70,7 @@ async def create_batch(
         span.set_attribute("conclave.queries", len(payload.queries))
         # OpenAI's file batch (input_file_id + endpoint) or an inline one (queries): one service.
         create = intake.create_file_batch if payload.input_file_id is not None else service.create_batch
-        batch, counts, _ = await submit(create, payload, state, principal, idempotency_key)
+        batch, counts, _ = await submit(create, state, principal, idempotency_key, payload=payload)
         span.set_attribute("conclave.batch_id", batch.id)
     return JSONBytes(read.batch_object(batch, counts), status_code=202)
 

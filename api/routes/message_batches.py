@@ -37,7 +37,9 @@ async def create_message_batch(
     principal: WriterDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JSONBytes:
-    batch, counts, _ = await submit(intake.create_message_batch, payload, state, principal, idempotency_key)
+    batch, counts, _ = await submit(
+        intake.create_message_batch, state, principal, idempotency_key, payload=payload
+    )
     return JSONBytes(_view(request, batch, counts))
 
 
