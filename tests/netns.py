@@ -135,7 +135,7 @@ class Forwarder:
 
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _servers: list[asyncio.Server] = field(default_factory=list)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _thread: threading.Thread | None = None
     connections: int = 0  # accepted so far (for the test's figures)
 
@@ -156,15 +156,14 @@ class Forwarder:
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
         self.connections += 1
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        self._writers.add(writer)
         try:
             try:
                 up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
             except OSError:
                 writer.close()
                 return
+            self._writers.add(up_writer)
             for w in (writer, up_writer):
                 sock = w.get_extra_info("socket")
                 if sock is not None:
@@ -174,13 +173,10 @@ class Forwarder:
                 link_side.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, GIVE_UP_S * 1000)
                 with contextlib.suppress(OSError):
                     link_side.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, RTO_MAX_MS)
-            try:
-                await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-            finally:
-                writer.close()
-                up_writer.close()
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            self._writers.discard(up_writer)
         finally:
-            self._tasks.discard(task)
+            self._writers.discard(writer)
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -198,10 +194,13 @@ class Forwarder:
         async def close() -> None:
             for server in self._servers:
                 server.close()
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Reset every connection: each relay's reads then end and it returns by itself.
+            for w in list(self._writers):
+                w.transport.abort()
+            for _ in range(100):
+                if not self._writers:
+                    break
+                await asyncio.sleep(0.01)
 
         if self._thread is not None:
             with contextlib.suppress(Exception):
