@@ -308,7 +308,12 @@ async def _events(feed_ctx: Any, cursor: Cursor, want_queries: bool) -> AsyncIte
                 if pos is None:
                     pos = feed.position_after(qcursor)
                 for q in feed.queries[pos:]:
-                    qcursor = (q.finished_at, q.query_id)
+                    at = (q.finished_at, q.query_id)
+                    if qcursor is not None and at <= qcursor:
+                        # Sent already: a client resuming here was ahead of this replica's feed
+                        # (its cursor not loaded yet), and the feed has caught up to it since.
+                        continue
+                    qcursor = at
                     out.append(
                         _frame("query", _id(feed, cursor, qcursor, sent_digest), orjson.dumps(q.as_dict()))
                     )
