@@ -90,8 +90,8 @@ class QueueProbe:
 
     def depth(self, queue: str) -> int:
         """Waiting: on the queue's list or in its fair lanes."""
-        lanes = self.client.get(keys.fair_pending(self.namespace, queue))
-        return int(self.client.llen(f"{self.namespace}:{queue}")) + int(lanes or 0)
+        lanes = self.client.llen(keys.fair_depth(self.namespace, queue))
+        return int(self.client.llen(f"{self.namespace}:{queue}")) + int(lanes)
 
     def held(self, queue: str) -> int:
         workers = self.client.zrange(f"{self.namespace}:__heartbeats__", 0, -1)

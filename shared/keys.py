@@ -47,13 +47,14 @@ def queue_messages(ns: str, name: str) -> str:
 
 def fair_lanes(ns: str, name: str) -> str:
     """Prefix of a priority queue's fair lanes (``shared/queue/fair.py``): ``:tenants``,
-    ``:clock``, ``:pending``, ``:urgent``, ``:owner``, ``:t:{tenant}``, ``:b:{batch}``."""
+    ``:clock``, ``:depth``, ``:urgent``, ``:owner``, ``:t:{tenant}``, ``:b:{batch}``."""
     return f"{ns}:fair:{name}"
 
 
-def fair_pending(ns: str, name: str) -> str:
-    """How many ids a queue's fair lanes hold (the lane scripts keep it as ``{prefix}:pending``)."""
-    return f"{fair_lanes(ns, name)}:pending"
+def fair_depth(ns: str, name: str) -> str:
+    """A list as long as the ids a queue's fair lanes hold (one-byte marks; the lane scripts keep
+    it as ``{prefix}:depth``), for queue-length autoscalers."""
+    return f"{fair_lanes(ns, name)}:depth"
 
 
 def fair_weights(ns: str) -> str:

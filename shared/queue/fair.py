@@ -24,6 +24,10 @@ percent. A dispatcher process would add a component that must always run (and a 
 to every batch); per-tenant dramatiq queues would need consumers for queues that appear at
 runtime. The lanes cost one script run per fetch (a few tens of microseconds of Redis).
 
+What waits in a queue's lanes is also counted by a list of one-byte marks (``…:depth``, one
+per message), so a queue-length autoscaler (KEDA's Redis list scaler, ``deploy/k8s/keda.yaml``)
+sees the backlog: the dramatiq queue itself holds only what consumers are about to take.
+
 Nothing here is the truth: the database is. Message bodies stay in dramatiq's ``.msgs`` hash
 from the moment they are enqueued (so reconciliation's "does its message exist?" still holds),
 and if Redis loses the lanes, reconciliation sends the queued queries again, into new lanes.
@@ -78,7 +82,11 @@ end
 if not redis.call("zscore", P .. ":tenants", tenant) then
   redis.call("zadd", P .. ":tenants", redis.call("get", P .. ":clock") or 0, tenant)
 end
-redis.call("incrby", P .. ":pending", #ids)
+local marks = {}
+for i = 1, #ids do
+  marks[i] = "1"
+end
+redis.call("rpush", P .. ":depth", unpack(marks))
 return #ids
 """
 
@@ -125,7 +133,7 @@ while need > 0 and steps < 4 * tonumber(ARGV[1]) + 64 do
     if not id then
       retire(batch, tenant)
     else
-      redis.call("decr", P .. ":pending")
+      redis.call("lpop", P .. ":depth")
       if redis.call("hexists", KEYS[3], id) == 1 then
         redis.call("rpush", KEYS[2], id)
         need = need - 1
@@ -181,7 +189,7 @@ for i = 1, #ARGV do
     redis.call("hdel", KEYS[2], ids[j])
   end
   if #ids > 0 then
-    redis.call("decrby", P .. ":pending", #ids)
+    redis.call("ltrim", P .. ":depth", #ids, -1)
   end
   redis.call("del", lane)
   local tenant = redis.call("hget", P .. ":owner", ARGV[i])
@@ -288,8 +296,8 @@ def backlog(broker: RedisBroker) -> dict[str, int]:
     """Messages waiting in each priority's lanes (not yet on the dramatiq queue)."""
     pipe = broker.client.pipeline(transaction=False)
     for priority in PRIORITIES:
-        pipe.get(keys.fair_pending(broker.namespace, priority))
-    return {p: max(0, int(v or 0)) for p, v in zip(PRIORITIES, pipe.execute(), strict=True)}
+        pipe.llen(keys.fair_depth(broker.namespace, priority))
+    return {p: int(v) for p, v in zip(PRIORITIES, pipe.execute(), strict=True)}
 
 
 def tenant_passes(broker: RedisBroker, queue_name: str) -> dict[str, float]:

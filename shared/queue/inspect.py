@@ -36,9 +36,9 @@ def queue_depths(broker: RedisBroker) -> dict[str, int]:
     pipe = broker.client.pipeline(transaction=False)
     for priority in PRIORITIES:
         pipe.llen(keys.queue(broker.namespace, priority))
-        pipe.get(keys.fair_pending(broker.namespace, priority))
+        pipe.llen(keys.fair_depth(broker.namespace, priority))
     results = pipe.execute()
-    return {p: results[2 * i] + max(0, int(results[2 * i + 1] or 0)) for i, p in enumerate(PRIORITIES)}
+    return {p: results[2 * i] + results[2 * i + 1] for i, p in enumerate(PRIORITIES)}
 
 
 def queue_stats(broker: RedisBroker) -> list[QueueStats]:
@@ -46,7 +46,7 @@ def queue_stats(broker: RedisBroker) -> list[QueueStats]:
     pipe = broker.client.pipeline(transaction=False)
     for p in PRIORITIES:
         pipe.llen(keys.queue(ns, p))
-        pipe.get(keys.fair_pending(ns, p))
+        pipe.llen(keys.fair_depth(ns, p))
         # A delay queue is a queue of its own in dramatiq's layout: its stored messages are
         # every delayed one, waiting or held by the consumer that releases them when due.
         pipe.hlen(keys.queue_messages(ns, keys.delayed_queue_name(p)))
@@ -56,7 +56,7 @@ def queue_stats(broker: RedisBroker) -> list[QueueStats]:
     stats = []
     for i, p in enumerate(PRIORITIES):
         listed, laned, delayed, dead, stored = results[i * 5 : i * 5 + 5]
-        depth = listed + max(0, int(laned or 0))
+        depth = listed + laned
         stats.append(QueueStats(p, depth, delayed, dead, max(0, stored - depth)))
     return stats
 

@@ -17,7 +17,7 @@ import httpx
 import orjson
 import pytest
 
-from shared.keys import fair_pending
+from shared.keys import fair_depth
 from shared.sim import SimServer
 from shared.stack import free_port, terminate
 from shared.tenants import create_key
@@ -350,7 +350,7 @@ def test_operations_page_shows_queue_depths_and_an_open_circuit(
             assert created.status_code == 202, created.text
     # Waiting = on the queue's list or in its fair lanes (shared/queue/fair.py).
     depths = {
-        p: deployment.redis.llen(f"{ns}:{p}") + int(deployment.redis.get(fair_pending(ns, p)) or 0)
+        p: deployment.redis.llen(f"{ns}:{p}") + deployment.redis.llen(fair_depth(ns, p))
         for p in ("high", "normal", "low")
     }
     assert depths["high"] >= 17 and depths["low"] >= 23

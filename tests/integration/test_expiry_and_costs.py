@@ -29,7 +29,7 @@ from scheduler.jobs.costs import budget_checks, daily_summaries
 from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.webhooks import Dispatcher
 from shared.batches.results import iter_results
-from shared.keys import fair_pending
+from shared.keys import fair_depth
 from shared.models import PROVIDER_CALLS, Batch, Notice, Query, Tenant, WebhookDelivery
 from shared.settings import Settings
 from shared.tenants import IssuedKey, issue_key
@@ -527,7 +527,7 @@ def test_intake_refuses_new_batches_once_the_months_budget_is_spent(
     ns = own_settings.queue_namespace
 
     def waiting() -> int:  # on the normal queue's list or in its fair lanes
-        return int(rclient.llen(f"{ns}:normal")) + int(rclient.get(fair_pending(ns, "normal")) or 0)
+        return int(rclient.llen(f"{ns}:normal")) + int(rclient.llen(fair_depth(ns, "normal")))
 
     assert api.post("/v1/batches", json=batch, headers=headers).status_code == 202
     add_calls(own_sessions, issued.tenant_id, [(int(time.time()), 6.0)])

@@ -24,6 +24,7 @@ from sqlmodel import col
 from scheduler.jobs.deadlines import promote_at_risk
 from scheduler.jobs.expiry import expire_batches
 from scheduler.jobs.reconcile import GRACE_S, reconcile
+from shared import keys
 from shared.batches.service import create_batch
 from shared.lifecycle.statuses import QueryStatus
 from shared.models import Batch, Query
@@ -118,7 +119,11 @@ def test_a_small_batch_is_not_stuck_behind_another_tenants_backlog(tenants: Tena
     a, b = tenants.new(), tenants.new()
     big = tenants.batch(a, 300)
     small = tenants.batch(b, 20)
+    # What waits in the lanes is what a queue-length autoscaler (KEDA) reads: the depth list.
+    depth = keys.fair_depth(tenants.settings.queue_namespace, "normal")
+    assert tenants.broker.client.llen(depth) == 320 and queue_depths(tenants.broker)["normal"] == 320
     fetched = tenants.fetch(40)
+    assert tenants.broker.client.llen(depth) == 280
     # Alternating between the two tenants: the small batch is done within its first 40 fetches,
     # where a FIFO queue would hand out 300 of the other tenant's first.
     assert Counter(fetched) == {big: 20, small: 20}
@@ -204,4 +209,5 @@ def test_an_expired_batch_leaves_the_lanes(tenants: Tenants) -> None:
     assert expire_batches(tenants.sessions, now=expires_at + 1, broker=tenants.broker) == [old]
     # Its 40 stale messages are gone: the tenant's live batch is next, not behind them.
     assert len(waiting_ids(tenants.broker, "normal")) == 5
+    assert tenants.broker.client.llen(keys.fair_depth(tenants.settings.queue_namespace, "normal")) == 5
     assert tenants.fetch(5) == [live] * 5

@@ -17,6 +17,7 @@ import typer.main
 import yaml
 
 from scheduler.jobs.reconcile import GRACE_S
+from shared import keys
 from shared.cli.main import app
 from shared.liveness import DEAD_AFTER_S
 from shared.providers.config import parse_catalog
@@ -171,18 +172,24 @@ def test_each_worker_deployment_has_a_matching_scaled_object(priority: str) -> N
     assert 0 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
     assert so["spec"]["cooldownPeriod"] > 0
 
-    (trigger,) = so["spec"]["triggers"]
-    assert trigger["type"] == "redis"
-    meta = trigger["metadata"]
-    # KEDA's trigger metadata is a map of strings.
-    assert all(isinstance(v, str) for v in meta.values()), meta
-    assert meta["listName"] == f"{DEFAULT_NAMESPACE}:{priority}"
-    assert int(meta["listLength"]) > 0
-    assert int(meta["activationListLength"]) >= 0
-    assert int(meta["databaseIndex"]) == 0
+    # The backlog waits in the queue's fair lanes (their depth list); the queue itself holds
+    # what consumers are about to take and delayed re-sends: KEDA watches both.
+    triggers = so["spec"]["triggers"]
+    assert {t["metadata"]["listName"] for t in triggers} == {
+        keys.fair_depth(DEFAULT_NAMESPACE, priority),
+        keys.queue(DEFAULT_NAMESPACE, priority),
+    }
+    for trigger in triggers:
+        assert trigger["type"] == "redis"
+        meta = trigger["metadata"]
+        # KEDA's trigger metadata is a map of strings.
+        assert all(isinstance(v, str) for v in meta.values()), meta
+        assert int(meta["listLength"]) > 0
+        assert int(meta["activationListLength"]) >= 0
+        assert int(meta["databaseIndex"]) == 0
 
-    # The queue named by --queues is the list KEDA watches.
-    assert option(argv(only_container(dep)), "--queues") == meta["listName"].split(":", 1)[1]
+    # The queue named by --queues is the one KEDA watches.
+    assert option(argv(only_container(dep)), "--queues") == priority
 
     # addressFromEnv is resolved from the target's containers: the variable must be there.
     env_name = meta["addressFromEnv"]
