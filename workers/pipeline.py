@@ -41,7 +41,7 @@ from sqlalchemy.exc import OperationalError
 
 from shared.budget import Admission, clear_waiting, mark_waiting
 from shared.knowledge.grounding import ground
-from shared.ledger import CallRecord
+from shared.ledger import CallRecord, LeaseLost
 from shared.lifecycle.statuses import CallStatus, QueryStatus
 from shared.lifecycle.transitions import ClaimedQuery, Outcome
 from shared.logs import query_context
@@ -320,6 +320,11 @@ def run(ctx: WorkerContext, claimed: ClaimedQuery, prepared: Prepared) -> Ran:
         # already with the journal. The query ends here rather than running again to the same end.
         log.warning("query %s ran past its time limit", claimed.id)
         status, error, record = QueryStatus.FAILED, TIME_LIMIT_ERROR, None
+    except LeaseLost:
+        # Its lease went to another worker (this one was cut off or too slow): the journal refused
+        # to start a call for it, and its outcome will be refused too. Nothing crashed.
+        log.warning("query %s stops: its lease was handed on (call write refused)", claimed.id)
+        status, error, record = QueryStatus.FAILED, INTERNAL_ERROR, None
     except Exception:
         log.exception("query %s crashed", claimed.id)
         status, error, record = QueryStatus.FAILED, INTERNAL_ERROR, None
